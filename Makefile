@@ -1,0 +1,36 @@
+# Two commands set everything up from nothing: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.paramdyn-installed
+CORES ?= 2
+
+.PHONY: setup demo test lint fmt bench clean-demo
+
+# The virtual environment, with every package pinned by constraints.txt; rebuilt when the
+# pins or the package metadata change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The whole workflow on the embedded dataset (study `demo` of config.yaml).
+demo: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete
+	@echo "demo done: tables in results/demo/*.parquet, figures in results/demo/figures/"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src scripts tests benchmarks
+	$(BIN)/ruff format --check src scripts tests benchmarks
+	$(BIN)/snakefmt --check Snakefile rules
+	$(BIN)/snakemake --lint
+
+fmt: $(STAMP)
+	$(BIN)/ruff format src scripts tests benchmarks
+	$(BIN)/ruff check --fix src scripts tests benchmarks
+	$(BIN)/snakefmt Snakefile rules

@@ -1,0 +1,46 @@
+# Shared helpers of the rules: no torch here, the scheduler stays light.
+from dataclasses import asdict
+
+from paramdyn import catalog
+from paramdyn.config import detect_device
+from paramdyn.provenance import code_hash
+
+DATA_DIR = config["data_dir"]
+DEVICE = detect_device(config["device"])
+# Snakemake's `gpu` resource: each CUDA training job takes one.
+GPU_PER_TRAIN = 1 if DEVICE == "cuda" else 0
+RUN_DIR = "results/{study}/runs/{run_id}"
+ENV = "../envs/paramdyn.yaml"
+
+
+wildcard_constraints:
+    study="|".join(STUDIES) or "NO-STUDY",
+    run_id="[^/]+",
+    dataset="|".join(catalog.DATASETS),
+
+
+def run_spec(wildcards):
+    try:
+        return STUDIES[wildcards.study].runs[wildcards.run_id]
+    except KeyError:
+        raise ValueError(
+            f"no run {wildcards.run_id} in study {wildcards.study} of this config"
+        ) from None
+
+
+def run_paths(study, filename):
+    return [f"results/{study}/runs/{r}/{filename}" for r in STUDIES[study].runs]
+
+
+def study_targets():
+    targets = []
+    for study in STUDIES:
+        targets += [
+            f"results/{study}/distances.parquet",
+            f"results/{study}/history.parquet",
+            f"results/{study}/figures/distance_vs_depth_init.png",
+            f"results/{study}/figures/distance_vs_depth_previous.png",
+            f"results/{study}/figures/accuracy.png",
+            f"results/{study}/figures/loss.png",
+        ]
+    return targets

@@ -1,0 +1,26 @@
+# One training job per grid point (model x dataset x init x optimizer x seed).
+
+
+rule train:
+    input:
+        dataset=lambda w: f"results/datasets/{run_spec(w).dataset}.safetensors",
+    output:
+        run_json=f"{RUN_DIR}/run.json",
+        history=f"{RUN_DIR}/history.parquet",
+        checkpoints=directory(f"{RUN_DIR}/checkpoints"),
+    params:
+        # every hyper-parameter of the run, and the model's fixed options: a change reruns it
+        hparams=lambda w: run_spec(w).to_json(),
+        model=lambda w: catalog.MODELS[run_spec(w).model_name].options,
+        code=code_hash("train", "data", "models", "inits", "checkpoints", "tables", "jobs"),
+    threads: config["train_threads"]
+    resources:
+        gpu=GPU_PER_TRAIN,
+    log:
+        "results/{study}/logs/train/{run_id}.log",
+    benchmark:
+        "results/{study}/benchmarks/train/{run_id}.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/train.py"

@@ -1,0 +1,5 @@
+"""Snakemake script of rule(s) 'download_dataset': see paramdyn.jobs.download_dataset."""
+
+from paramdyn.jobs import download_dataset
+
+download_dataset(snakemake)

