@@ -1,7 +1,8 @@
 """Checkpoints: the full state_dict (parameters and buffers) in safetensors, never pickle.
 
 The metadata of each file makes it self-describing, so measures need only the files:
-``epoch`` (completed epochs) and ``step`` (optimizer steps), ``run_id``, ``parameters``
+``epoch`` (completed epochs), ``step`` (optimizer steps), ``epoch_end`` ("1" when taken at
+the end of an epoch or at the init, "0" for a mid-epoch step checkpoint), ``run_id``, ``parameters``
 (JSON list of the state_dict keys that are trainable parameters; the rest are buffers such
 as BatchNorm running statistics) and ``blocks`` (JSON list of the building blocks, input to
 output; a key belongs to the block that prefixes it).
@@ -32,6 +33,7 @@ class Checkpoint:
     path: Path
     epoch: int
     step: int
+    epoch_end: bool
     run_id: str
     parameters: list[str]
     blocks: list[str]
@@ -48,6 +50,7 @@ def save_checkpoint(
     *,
     epoch: int,
     step: int,
+    epoch_end: bool,
     run_id: str,
     blocks: list[str],
 ) -> Path:
@@ -60,6 +63,7 @@ def save_checkpoint(
         "format": FORMAT,
         "epoch": str(epoch),
         "step": str(step),
+        "epoch_end": str(int(epoch_end)),
         "run_id": run_id,
         "parameters": json.dumps(params),
         "blocks": json.dumps(blocks),
@@ -86,6 +90,7 @@ def read_checkpoint(path: Path | str) -> Checkpoint:
             path=path,
             epoch=int(meta["epoch"]),
             step=int(meta["step"]),
+            epoch_end=meta["epoch_end"] == "1",
             run_id=meta["run_id"],
             parameters=json.loads(meta["parameters"]),
             blocks=json.loads(meta["blocks"]),

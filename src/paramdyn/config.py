@@ -75,12 +75,11 @@ def _schema_error(err: Any) -> str:
         allowed = sorted(err.schema.get("properties", {}))
         msg += f". Allowed keys here: {', '.join(allowed)}"
     elif err.validator == "oneOf" and err.context:
-        # an entry that is neither a name nor a mapping of known keys: report the mapping's error
-        best = min(err.context, key=lambda e: len(e.absolute_schema_path))
-        for sub in err.context:
-            if sub.validator == "additionalProperties":
-                best = sub
-        return _schema_error(best)
+        # an entry that is neither a name nor a valid mapping: report the deepest error of
+        # the alternative that has the instance's type
+        relevant = [e for e in err.context if not (e.validator == "type" and not e.relative_path)]
+        if relevant:
+            return _schema_error(max(relevant, key=lambda e: len(e.absolute_path)))
     return f"config key '{where}': {msg}"
 
 
@@ -93,8 +92,8 @@ def validate_schema(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA)
     try:
         validate(config, str(schema))
     except WorkflowError as e:
-        inner = next((a for a in e.args if isinstance(a, jsonschema.ValidationError)), None)
-        if inner is None:
+        inner = e.__context__
+        if not isinstance(inner, jsonschema.ValidationError):
             raise
         raise ConfigError(
             _schema_error(inner) + f"\n(the schema with every key is {schema})"
@@ -191,12 +190,12 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
         if every_epochs is not None and every_epochs > epochs:
             errors.append(
                 f"config key '{key}/checkpoint/every_epochs': {every_epochs} never fires in "
-                f"{epochs} epochs ({run_id}); use a value <= {epochs}"
+                f"{epochs} epochs (model {model_label} on {d}); use a value <= {epochs}"
             )
         if every_steps is not None and every_steps > steps_per_epoch * epochs:
             errors.append(
                 f"config key '{key}/checkpoint/every_steps': {every_steps} never fires in the "
-                f"{steps_per_epoch * epochs} steps of {run_id}; use a smaller value"
+                f"{steps_per_epoch * epochs} steps of model {model_label} on {d}; use a smaller value"
             )
         if run_id in runs:
             errors.append(f"config key '{key}': two grid points share the run id {run_id}")
@@ -249,6 +248,7 @@ def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) ->
         for name in selected
         if name in config["studies"]
     }
+    errors = list(dict.fromkeys(errors))  # one grid problem shows once, not once per run
     if errors:
         raise ConfigError(
             "the config has {} problem{}:\n  - {}".format(

@@ -34,6 +34,7 @@ class Flat:
 
     epoch: int
     step: int
+    epoch_end: bool
     values: np.ndarray
     sq: np.ndarray  # per-tensor sum of squares (float64)
 
@@ -70,7 +71,7 @@ def _flatten(ck: Checkpoint, layout: Layout) -> Flat:
         [ck.tensors[k].detach().float().numpy().ravel() for k in layout.names]
     )
     sq = np.add.reduceat(np.square(values, dtype=np.float64), layout.offsets)
-    return Flat(ck.epoch, ck.step, values, sq)
+    return Flat(ck.epoch, ck.step, ck.epoch_end, values, sq)
 
 
 def _tensor_sums(
@@ -144,14 +145,14 @@ def compare(
                     **s,
                 }
             )
-            frame["epoch"], frame["step"] = cur.epoch, cur.step
+            frame["epoch"], frame["step"], frame["epoch_end"] = cur.epoch, cur.step, cur.epoch_end
             frame["reference"], frame["ref_epoch"], frame["ref_step"] = reference, ref.epoch, ref.step
             rows.append(frame)
         prev = cur
     if not rows:
         raise CheckpointError("a run needs at least two checkpoints to measure distances")
     tensor = pd.concat(rows, ignore_index=True)
-    keys = ["epoch", "step", "reference", "ref_epoch", "ref_step"]
+    keys = ["epoch", "step", "epoch_end", "reference", "ref_epoch", "ref_step"]
     agg = {c: "sum" for c in (*SUMS, "numel", *[f"pow{p:g}" for p in ps])}
     agg["linf"] = "max"
     agg["depth"] = "first"

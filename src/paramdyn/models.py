@@ -127,8 +127,10 @@ BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottlen
 
 class ResNet(Classifier):
     """ImageNet-style stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool), four stages, global
-    average pool, linear head. ``even``: every stage ``width`` wide (default 128) with no
-    stride; otherwise widths ``width`` x (1, 2, 4, 8) (default 64) with strides (1, 2, 2, 2)."""
+    average pool, linear head. ``even`` (the depth study's variant): a stem half as wide as
+    the stages (64 for the default width 128), then every stage ``width`` wide with no
+    stride; otherwise torchvision's ResNet: stem ``width`` (default 64), stages ``width`` x
+    (1, 2, 4, 8) with strides (1, 2, 2, 2)."""
 
     def __init__(
         self,
@@ -145,13 +147,14 @@ class ResNet(Classifier):
         width = width or (128 if even else 64)
         planes = [width] * 4 if even else [width, 2 * width, 4 * width, 8 * width]
         strides = [1, 1, 1, 1] if even else [1, 2, 2, 2]
+        stem = max(1, width // 2) if even else width
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
-            nn.BatchNorm2d(width),
+            nn.Conv2d(in_channels, stem, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(stem),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, stride=2, padding=1),
         )
-        inplanes = width
+        inplanes = stem
         self._blocks: list[str] = []
         for i, (n, p, s) in enumerate(zip(layers, planes, strides, strict=True), start=1):
             stage = []

@@ -46,8 +46,7 @@ def _empty(out: Path | str, text: str) -> None:
 
 def _epoch_checkpoints(df: pd.DataFrame) -> list[int]:
     """Epoch-end checkpoints to show as columns: at most MAX_COLUMNS, evenly spread."""
-    ends = df.groupby("epoch")["step"].max()
-    steps = sorted(set(df["step"]) & set(ends.values))
+    steps = sorted(set(df.loc[df["epoch_end"], "step"]))
     if len(steps) > MAX_COLUMNS:
         steps = [steps[int(round(i))] for i in np.linspace(0, len(steps) - 1, MAX_COLUMNS)]
     return steps

@@ -107,11 +107,17 @@ def train_run(
     history: list[dict[str, Any]] = []
     saved: list[int] = []
 
-    def save(epoch: int, step: int) -> None:
+    def save(step: int) -> None:
         if saved and saved[-1] == step:
             return
         checkpoints.save_checkpoint(
-            ckpt_dir, model, epoch=epoch, step=step, run_id=spec.run_id, blocks=blocks
+            ckpt_dir,
+            model,
+            epoch=step // steps_per_epoch,
+            step=step,
+            epoch_end=step % steps_per_epoch == 0,
+            run_id=spec.run_id,
+            blocks=blocks,
         )
         saved.append(step)
 
@@ -130,7 +136,7 @@ def train_run(
 
     log.info("run %s on %s: %d params, %d steps", spec.run_id, dev,
              sum(p.numel() for p in model.parameters()), total)  # fmt: skip
-    save(0, 0)
+    save(0)
     for split in ("train", "test"):
         record(0, 0, split, *evaluate(model, data, split, spec.eval_batch_size))
 
@@ -151,14 +157,14 @@ def train_run(
                 loss_sum += loss.detach().double() * y.shape[0]
                 correct += (out.argmax(1) == y).sum()
             if spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0:
-                save(epoch - 1, step)
+                save(step)
         record(epoch, step, "train", loss_sum.item() / n_train, correct.item() / n_train)
         test_loss, test_acc = evaluate(model, data, "test", spec.eval_batch_size)
         record(epoch, step, "test", test_loss, test_acc)
         if (
             spec.checkpoint_every_epochs and epoch % spec.checkpoint_every_epochs == 0
         ) or epoch == spec.epochs:
-            save(epoch, step)
+            save(step)
         log.info(
             "epoch %d/%d step %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1fs",
             epoch, spec.epochs, step, history[-2]["loss"], history[-2]["accuracy"],

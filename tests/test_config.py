@@ -1,0 +1,143 @@
+"""Config validation: each mistake stops with a message naming the key and the fix."""
+
+import copy
+
+import pytest
+import yaml
+
+from paramdyn.config import DEFAULT_SCHEMA, ConfigError, RunSpec, load_studies
+
+GOOD = {
+    "studies": {
+        "s": {
+            "models": ["lenet5", {"name": "resnet18-basic-plain-even", "width": 8}],
+            "datasets": ["synthetic"],
+            "inits": ["default", "kaiming-normal"],
+            "optimizers": ["adam", {"name": "sgd", "lr": 0.1, "momentum": 0.5}],
+            "seeds": [0, 1],
+            "epochs": 2,
+            "batch_size": 64,
+        }
+    }
+}
+
+
+def _load(cfg):
+    return load_studies(copy.deepcopy(cfg), DEFAULT_SCHEMA)
+
+
+def _with(path, value):
+    cfg = copy.deepcopy(GOOD)
+    node = cfg
+    *parents, last = path.split("/")
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    if value is DELETE:
+        del node[last]
+    elif isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return cfg
+
+
+DELETE = object()
+
+
+def test_grid_expands_with_readable_ids():
+    study = _load(GOOD)["s"]
+    assert len(study.runs) == 2 * 1 * 2 * 2 * 2
+    assert "resnet18-basic-plain-even_synthetic_kaiming-normal_sgd_s1" in study.runs
+    spec = study.runs["resnet18-basic-plain-even_synthetic_kaiming-normal_sgd_s1"]
+    assert spec.model_settings == {"width": 8}
+    assert spec.optimizer_settings == {
+        "lr": 0.1, "momentum": 0.5, "weight_decay": 0.0, "nesterov": False
+    }  # fmt: skip
+    assert spec.shortcut == "plain"
+    assert spec.checkpoint_every_epochs == 1  # schema default
+    assert spec.measures == {"minkowski_p": [], "atol": 1e-8, "rtol": 1e-5}
+    assert RunSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_precedence_study_optimizer_model():
+    cfg = _with("studies/s/lr", 0.5)
+    cfg["studies"]["s"]["models"][0] = {"name": "lenet5", "lr": 0.002}
+    runs = _load(cfg)["s"].runs
+    assert runs["lenet5_synthetic_default_adam_s0"].optimizer_settings["lr"] == 0.002
+    assert runs["resnet18-basic-plain-even_synthetic_default_adam_s0"].optimizer_settings["lr"] == 0.5
+    assert runs["resnet18-basic-plain-even_synthetic_default_sgd_s0"].optimizer_settings["lr"] == 0.1
+
+
+def test_run_ids_are_stable():
+    a = _load(GOOD)["s"].runs
+    b = _load(GOOD)["s"].runs
+    assert list(a) == list(b) and all(a[k].to_json() == b[k].to_json() for k in a)
+
+
+BAD = [
+    # (path, value, words the message must contain)
+    ("studies/s/epoch", 3, ["studies/s", "'epoch' was unexpected", "epochs"]),
+    ("studies/s/models/0", "resnet19", ["studies/s/models/0", "unknown model 'resnet19'", "lenet5"]),
+    ("studies/s/datasets/0", "cifar11", ["unknown dataset 'cifar11'", "cifar10", "mnist5k"]),
+    ("studies/s/inits/0", "he", ["unknown init 'he'", "kaiming-normal"]),
+    ("studies/s/optimizers/0", "adagrad", ["unknown optimizer 'adagrad'", "adamw", "sgd"]),
+    ("studies/s/schedule", "linear", ["unknown schedule 'linear'", "cosine"]),
+    ("studies/s/epochs", "two", ["studies/s/epochs", "'two' is not of type 'integer'"]),
+    ("studies/s/epochs", 0, ["studies/s/epochs", "less than the minimum of 1"]),
+    ("studies/s/batch_size", -5, ["studies/s/batch_size", "minimum"]),
+    ("studies/s/batch_size", 100000, ["batch_size", "larger than the 512 training images"]),
+    ("studies/s/seeds", [0, 0], ["studies/s/seeds", "duplicated seeds"]),
+    ("studies/s/seeds", [], ["studies/s/seeds", "should be non-empty"]),
+    ("studies/s/models", [], ["studies/s/models", "should be non-empty"]),
+    ("studies/s/seeds", DELETE, ["'seeds' is a required property"]),
+    ("studies/s/checkpoint", {"every_epochs": 5}, ["every_epochs", "never fires in 2 epochs"]),
+    ("studies/s/checkpoint", {"every_steps": 10**6}, ["every_steps", "never fires"]),
+    ("studies/s/checkpoint", {}, ["studies/s/checkpoint", "every_epochs and/or every_steps"]),
+    ("studies/s/checkpoint", {"every_epoch": 1}, ["'every_epoch' was unexpected", "every_epochs"]),
+    ("studies/s/optimizers/0", {"name": "adam", "momentum": 0.9},
+     ["optimizers/0/momentum", "optimizer 'adam' has no setting 'momentum'", "betas"]),
+    ("studies/s/optimizers/1", {"name": "sgd", "lr": -1},
+     ["studies/s/optimizers/1/lr", "less than or equal to the minimum of 0"]),
+    ("studies/s/models/0", {"name": "lenet5", "width": 8},
+     ["models/0/width", "model 'lenet5' has no setting 'width'"]),
+    ("studies/s/models/0", {"name": "lenet5", "depth": 8}, ["'depth' was unexpected", "width"]),
+    ("studies/s/models/0", "resnet18-basic-plain-even",
+     ["studies/s/models", "listed more than once", "label"]),
+    ("studies/s/measures", {"atol": -1}, ["studies/s/measures/atol", "minimum"]),
+    ("studies/s/measures", {"tolerance": 0.1}, ["'tolerance' was unexpected", "atol", "rtol"]),
+    ("studies/s/figures", {"metric": "l3"}, ["studies/s/figures/metric", "'l3' is not one of"]),
+    ("run", ["t"], ["config key 'run'", "no study named 't'"]),
+    ("device", "tpu", ["config key 'device'", "'tpu' is not one of"]),
+    ("studiez", {}, ["'studiez' was unexpected"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "value", "words"), BAD, ids=[f"{b[0]}={b[1]!r}"[:60] for b in BAD])
+def test_bad_config_is_named(path, value, words):
+    with pytest.raises(ConfigError) as e:
+        _load(_with(path, value))
+    msg = str(e.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in:\n{msg}"
+
+
+def test_all_problems_reported_together():
+    cfg = _with("studies/s/models/0", "resnet19")
+    cfg["studies"]["s"]["inits"][0] = "he"
+    with pytest.raises(ConfigError, match="2 problems") as e:
+        _load(cfg)
+    assert "resnet19" in str(e.value) and "'he'" in str(e.value)
+
+
+def test_empty_config():
+    with pytest.raises(ConfigError, match="'studies' mapping"):
+        load_studies({}, DEFAULT_SCHEMA)
+
+
+def test_shipped_config_is_valid():
+    with open(DEFAULT_SCHEMA.parents[1] / "config.yaml") as f:
+        cfg = yaml.safe_load(f)
+    cfg["run"] = list(cfg["studies"])
+    studies = load_studies(cfg, DEFAULT_SCHEMA)
+    assert len(studies["demo"].runs) == 16
+    assert len(studies["depth"].runs) == 12 * 4 * 3
