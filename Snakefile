@@ -15,7 +15,9 @@ configfile: "config.yaml"
 
 # Types and keys (schemas/config.schema.yaml, through snakemake.utils.validate), then names
 # and cross-field rules; any mistake stops here, before a single job starts.
-STUDIES = load_studies(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
+STUDIES = load_studies(
+    config, Path(workflow.basedir) / "schemas" / "config.schema.yaml"
+)
 
 
 include: "rules/common.smk"

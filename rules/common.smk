@@ -44,3 +44,9 @@ def study_targets():
             f"results/{study}/figures/loss.png",
         ]
     return targets
+
+
+def download_marker(wildcards):
+    if catalog.DATASETS[wildcards.dataset].source == "torchvision":
+        return [f"results/datasets/{wildcards.dataset}.download.json"]
+    return []

@@ -7,14 +7,14 @@ rule distances:
         checkpoints=f"{RUN_DIR}/checkpoints",
     output:
         f"{RUN_DIR}/distances.parquet",
-    params:
-        code=code_hash("measures", "checkpoints", "tables", "jobs"),
     log:
         "results/{study}/logs/distances/{run_id}.log",
     benchmark:
         "results/{study}/benchmarks/distances/{run_id}.tsv"
     conda:
         ENV
+    params:
+        code=code_hash("measures", "checkpoints", "tables", "jobs"),
     script:
         "../scripts/distances.py"
 
@@ -24,15 +24,15 @@ rule aggregate:
         lambda w: run_paths(w.study, f"{w.table}.parquet"),
     output:
         "results/{study}/{table}.parquet",
-    params:
-        code=code_hash("tables", "jobs"),
-    wildcard_constraints:
-        table="distances|history",
     log:
         "results/{study}/logs/aggregate/{table}.log",
     benchmark:
         "results/{study}/benchmarks/aggregate/{table}.tsv"
+    wildcard_constraints:
+        table="distances|history",
     conda:
         ENV
+    params:
+        code=code_hash("tables", "jobs"),
     script:
         "../scripts/aggregate.py"

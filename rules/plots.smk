@@ -17,15 +17,15 @@ rule plot_distances:
             category="{study}",
             subcategory="distances",
         ),
-    params:
-        metric=lambda w: STUDIES[w.study].figures["metric"],
-        code=code_hash("plots", "tables", "jobs"),
     log:
         "results/{study}/logs/plot_distances.log",
     benchmark:
         "results/{study}/benchmarks/plot_distances.tsv"
     conda:
         ENV
+    params:
+        metric=lambda w: STUDIES[w.study].figures["metric"],
+        code=code_hash("plots", "tables", "jobs"),
     script:
         "../scripts/plot_distances.py"
 
@@ -46,13 +46,13 @@ rule plot_history:
             category="{study}",
             subcategory="training",
         ),
-    params:
-        code=code_hash("plots", "tables", "jobs"),
     log:
         "results/{study}/logs/plot_history.log",
     benchmark:
         "results/{study}/benchmarks/plot_history.tsv"
     conda:
         ENV
+    params:
+        code=code_hash("plots", "tables", "jobs"),
     script:
         "../scripts/plot_history.py"

@@ -8,19 +8,21 @@ rule train:
         run_json=f"{RUN_DIR}/run.json",
         history=f"{RUN_DIR}/history.parquet",
         checkpoints=directory(f"{RUN_DIR}/checkpoints"),
-    params:
-        # every hyper-parameter of the run, and the model's fixed options: a change reruns it
-        hparams=lambda w: run_spec(w).to_json(),
-        model=lambda w: catalog.MODELS[run_spec(w).model_name].options,
-        code=code_hash("train", "data", "models", "inits", "checkpoints", "tables", "jobs"),
-    threads: config["train_threads"]
-    resources:
-        gpu=GPU_PER_TRAIN,
     log:
         "results/{study}/logs/train/{run_id}.log",
     benchmark:
         "results/{study}/benchmarks/train/{run_id}.tsv"
     conda:
         ENV
+    threads: config["train_threads"]
+    resources:
+        gpu=GPU_PER_TRAIN,
+    params:
+        # every hyper-parameter of the run, and the model's fixed options: a change reruns it
+        hparams=lambda w: run_spec(w).to_json(),
+        model=lambda w: catalog.MODELS[run_spec(w).model_name].options,
+        code=code_hash(
+            "train", "data", "models", "inits", "checkpoints", "tables", "jobs"
+        ),
     script:
         "../scripts/train.py"

@@ -64,8 +64,12 @@ def test_precedence_study_optimizer_model():
     cfg["studies"]["s"]["models"][0] = {"name": "lenet5", "lr": 0.002}
     runs = _load(cfg)["s"].runs
     assert runs["lenet5_synthetic_default_adam_s0"].optimizer_settings["lr"] == 0.002
-    assert runs["resnet18-basic-plain-even_synthetic_default_adam_s0"].optimizer_settings["lr"] == 0.5
-    assert runs["resnet18-basic-plain-even_synthetic_default_sgd_s0"].optimizer_settings["lr"] == 0.1
+    assert (
+        runs["resnet18-basic-plain-even_synthetic_default_adam_s0"].optimizer_settings["lr"] == 0.5
+    )
+    assert (
+        runs["resnet18-basic-plain-even_synthetic_default_sgd_s0"].optimizer_settings["lr"] == 0.1
+    )
 
 
 def test_run_ids_are_stable():
@@ -112,7 +116,9 @@ BAD = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("path", "value", "words"), BAD, ids=[f"{b[0]}={b[1]!r}"[:60] for b in BAD])
+@pytest.mark.parametrize(
+    ("path", "value", "words"), BAD, ids=[f"{b[0]}={b[1]!r}"[:60] for b in BAD]
+)
 def test_bad_config_is_named(path, value, words):
     with pytest.raises(ConfigError) as e:
         _load(_with(path, value))

@@ -125,7 +125,9 @@ def test_matches_plain_torch_loop(tmp_path):
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
-        save_checkpoint(tmp_path, m, epoch=step, step=step, epoch_end=True, run_id="r", blocks=blocks)
+        save_checkpoint(
+            tmp_path, m, epoch=step, step=step, epoch_end=True, run_id="r", blocks=blocks
+        )
         states.append({k: v.clone() for k, v in m.named_parameters()})
     df = compare(list_checkpoints(tmp_path), atol=1e-3, rtol=1e-2, minkowski_p=[1.5])
     df = df[df.granularity == "tensor"]

@@ -126,7 +126,9 @@ INITS: dict[str, NamedSpec] = {
     s.name: s
     for s in [
         NamedSpec("default", "PyTorch's own initialisation of each layer (seeded)"),
-        NamedSpec("kaiming-uniform", "He uniform, fan_in, ReLU gain; biases 0; BN weight 1, bias 0"),
+        NamedSpec(
+            "kaiming-uniform", "He uniform, fan_in, ReLU gain; biases 0; BN weight 1, bias 0"
+        ),
         NamedSpec("kaiming-normal", "He normal, fan_out, ReLU gain; biases 0; BN weight 1, bias 0"),
         NamedSpec("xavier", "Glorot uniform; biases 0; BN weight 1, bias 0"),
         NamedSpec("orthogonal", "orthogonal, ReLU gain; biases 0; BN weight 1, bias 0"),

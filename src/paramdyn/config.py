@@ -141,7 +141,9 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
                         f"setting '{k}' (its settings: {', '.join(allowed)}). Remove the key."
                     )
     if len(set(s["seeds"])) != len(s["seeds"]):
-        errors.append(f"config key '{key}/seeds': duplicated seeds {s['seeds']}; list each seed once")
+        errors.append(
+            f"config key '{key}/seeds': duplicated seeds {s['seeds']}; list each seed once"
+        )
     for axis, items in (("models", models), ("optimizers", optimizers)):
         labels = [m.get("label", m["name"]) for m in items]
         dup = sorted({x for x in labels if labels.count(x) > 1})

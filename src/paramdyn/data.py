@@ -12,12 +12,14 @@ accepts only numpy arrays, so a tampered file cannot run code).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
 import json
 import os
 import pickle
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +45,17 @@ def read_idx(path: Path | str) -> np.ndarray:
     path = Path(path)
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:
+            raise DatasetError(
+                f"{path}: corrupt gzip file ({e}); delete it and download again"
+            ) from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DatasetError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DatasetError(f"{path}: IDX header truncated; delete it and download again")
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = 4 + 4 * ndim + int(np.prod(dims)) * dtype.itemsize
@@ -85,8 +94,12 @@ def read_cifar_batch(path: Path | str) -> dict[str, object]:
     path = Path(path)
     try:
         d = _NumpyOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        if not isinstance(d, dict):
+            raise ValueError(f"a pickled {type(d).__name__}, not a dict")
     except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise DatasetError(f"{path}: unreadable CIFAR batch ({e}); delete it and download again") from e
+        raise DatasetError(
+            f"{path}: unreadable CIFAR batch ({e}); delete it and download again"
+        ) from e
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
@@ -98,7 +111,7 @@ def _mnist_like(folder: str) -> Callable[[Path], Arrays]:
             for p in (raw / stem, raw / f"{stem}.gz"):
                 if p.is_file():
                     return p
-            raise FileNotFoundError(raw / stem)
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(raw / stem))
 
         out = []
         for split in ("train", "t10k"):
@@ -117,9 +130,12 @@ def _cifar(folder: str, train: list[str], test: list[str], label_key: str):
         root = Path(data_dir) / folder
         out = []
         for names in (train, test):
-            batches = [read_cifar_batch(root / n) for n in names]
-            x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-            y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+            batches = {root / n: read_cifar_batch(root / n) for n in names}
+            for p, b in batches.items():
+                if "data" not in b or label_key not in b:
+                    raise DatasetError(f"{p}: CIFAR batch without 'data' or '{label_key}'")
+            x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches.values()])
+            y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches.values()])
             out += [x.reshape(-1, 3, 32, 32), y]
         return tuple(out)
 

@@ -67,9 +67,7 @@ class Layout:
 def _flatten(ck: Checkpoint, layout: Layout) -> Flat:
     if [k for k in ck.parameters if ck.tensors[k].numel() > 0] != layout.names:
         raise CheckpointError(f"{ck.path}: its parameters differ from the run's first checkpoint")
-    values = np.concatenate(
-        [ck.tensors[k].detach().float().numpy().ravel() for k in layout.names]
-    )
+    values = np.concatenate([ck.tensors[k].detach().float().numpy().ravel() for k in layout.names])
     sq = np.add.reduceat(np.square(values, dtype=np.float64), layout.offsets)
     return Flat(ck.epoch, ck.step, ck.epoch_end, values, sq)
 
@@ -84,9 +82,7 @@ def _tensor_sums(
         "l1": np.add.reduceat(d, off),
         "l2sq": np.add.reduceat(d * d, off),
         "linf": np.maximum.reduceat(d, off),
-        "changed": np.add.reduceat(
-            (d > atol + rtol * np.abs(ref.values)).astype(np.int64), off
-        ),
+        "changed": np.add.reduceat((d > atol + rtol * np.abs(ref.values)).astype(np.int64), off),
         "cur_sq": cur.sq,
         "ref_sq": ref.sq,
         "dot": np.add.reduceat(cur.values.astype(np.float64) * ref.values, off),
@@ -146,7 +142,11 @@ def compare(
                 }
             )
             frame["epoch"], frame["step"], frame["epoch_end"] = cur.epoch, cur.step, cur.epoch_end
-            frame["reference"], frame["ref_epoch"], frame["ref_step"] = reference, ref.epoch, ref.step
+            frame["reference"], frame["ref_epoch"], frame["ref_step"] = (
+                reference,
+                ref.epoch,
+                ref.step,
+            )
             rows.append(frame)
         prev = cur
     if not rows:

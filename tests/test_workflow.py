@@ -1,0 +1,205 @@
+"""End to end: the real snakemake CLI on a tiny config in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+TINY = {
+    "run": ["tiny"],
+    "studies": {
+        "tiny": {
+            "models": [
+                {"name": "resnet18-basic-residual-even", "width": 4},
+                {"name": "resnet18-basic-plain-even", "width": 4},
+            ],
+            "datasets": ["synthetic"],
+            "inits": ["kaiming-normal"],
+            "optimizers": [{"name": "sgd", "lr": 0.05}],
+            "seeds": [0, 1],
+            "epochs": 2,
+            "batch_size": 128,
+            "checkpoint": {"every_epochs": 1, "every_steps": 3},
+            "measures": {"minkowski_p": [3]},
+        }
+    },
+}
+RUNS = [
+    f"resnet18-basic-{s}-even_synthetic_kaiming-normal_sgd_s{seed}"
+    for s in ("residual", "plain")
+    for seed in (0, 1)
+]
+
+
+def snakemake(workdir: Path, config: Path, *args: str, env: dict | None = None):
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
+    cmd += ["--configfile", str(config), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+def job_counts(out: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run, as {rule: count}."""
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)} | {}
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tiny")
+    cfg = write_config(work / "tiny.yaml", TINY)
+    r = snakemake(work, cfg, "--cores", "2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    return work, cfg
+
+
+def test_dry_run_lists_the_grid(tmp_path):
+    cfg = write_config(tmp_path / "tiny.yaml", TINY)
+    r = snakemake(tmp_path, cfg, "-n")
+    assert r.returncode == 0, r.stderr
+    counts = job_counts(r.stdout + r.stderr)
+    assert counts["train"] == 4 and counts["distances"] == 4 and counts["aggregate"] == 2
+    assert counts["prepare_dataset"] == 1 and counts["plot_distances"] == 1
+
+
+def test_run_outputs(tiny):
+    work, _ = tiny
+    study = work / "results" / "tiny"
+    for run_id in RUNS:
+        info = json.loads((study / "runs" / run_id / "run.json").read_text())
+        assert info["run_id"] == run_id and info["status"] == "completed"
+        assert info["hparams"]["seed"] == int(run_id[-1])
+        assert info["hparams"]["model_settings"] == {"width": 4}
+        ckpts = sorted((study / "runs" / run_id / "checkpoints").glob("step*.safetensors"))
+        # 512 images / 128 = 4 steps per epoch: steps 0, 3, 4, 6, 8
+        assert [p.name for p in ckpts] == [f"step{s:08d}.safetensors" for s in (0, 3, 4, 6, 8)]
+        assert info["checkpoints"] == [p.name for p in ckpts]
+        with safe_open(str(ckpts[2]), framework="pt") as f:
+            meta = f.metadata()
+            keys = set(f.keys())
+        assert (meta["epoch"], meta["step"], meta["epoch_end"]) == ("1", "4", "1")
+        assert "layer1.0.bn1.running_var" in keys  # buffers are kept
+        assert "layer1.0.bn1.running_var" not in json.loads(meta["parameters"])
+
+
+def test_distances_schema(tiny):
+    work, _ = tiny
+    path = work / "results" / "tiny" / "distances.parquet"
+    schema = pq.read_schema(path)
+    types = {n: str(schema.field(n).type) for n in schema.names}
+    expected = {
+        "run_id": "large_string", "model": "large_string", "dataset": "large_string",
+        "init": "large_string", "optimizer": "large_string", "seed": "int64",
+        "epoch": "int64", "step": "int64", "reference": "large_string",
+        "granularity": "large_string", "name": "large_string", "depth": "int64",
+        "numel": "int64", "l1": "double", "l2": "double", "linf": "double",
+        "mean_abs": "double", "rel_l2": "double", "cosine": "double",
+        "frac_changed": "double", "minkowski_p3": "double",
+    }  # fmt: skip
+    for col, t in expected.items():
+        assert types.get(col, "").replace("large_", "") == t.replace("large_", ""), col
+    meta = json.loads(schema.metadata[b"paramdyn"])
+    assert meta["atol"] == 1e-8 and meta["rtol"] == 1e-5 and meta["runs"] == 4
+    df = pq.read_table(path).to_pandas()
+    assert set(df.run_id) == set(RUNS)
+    assert set(df.reference) == {"init", "previous"}
+    assert set(df.granularity) == {"tensor", "layer", "block"}
+    blocks = df[(df.granularity == "block") & (df.run_id == RUNS[0])]
+    assert sorted(blocks.depth.unique()) == list(range(10))  # stem, 8 blocks, fc
+    assert not df.name.str.contains("running_|num_batches").any()
+    # DuckDB reads it as it is
+    n = duckdb.sql(f"select count(*) from '{path}' where granularity = 'block'").fetchall()[0][0]
+    assert n == len(df[df.granularity == "block"])
+
+
+def test_history_schema(tiny):
+    work, _ = tiny
+    df = pq.read_table(work / "results" / "tiny" / "history.parquet").to_pandas()
+    for col in ("run_id", "epoch", "step", "split", "loss", "accuracy", "lr", "seconds"):
+        assert col in df.columns
+    assert set(df.split) == {"train", "test"}
+    assert sorted(df.epoch.unique()) == [0, 1, 2]
+    assert len(df) == 4 * 3 * 2
+    assert df.accuracy.between(0, 1).all()
+
+
+def test_figures(tiny):
+    import matplotlib.image as mpimg
+
+    work, _ = tiny
+    figures = work / "results" / "tiny" / "figures"
+    for name in ("distance_vs_depth_init", "distance_vs_depth_previous", "accuracy", "loss"):
+        png = figures / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = mpimg.imread(png)
+        assert img.shape[0] > 200 and img.shape[1] > 300
+        assert img.std() > 0.01  # not a blank canvas
+
+
+def test_second_run_has_nothing_to_do(tiny):
+    work, cfg = tiny
+    r = snakemake(work, cfg, "-n")
+    assert "Nothing to be done" in r.stdout + r.stderr, r.stdout
+
+
+def test_changing_one_model_reruns_only_its_jobs(tiny):
+    work, _ = tiny
+    changed = json.loads(json.dumps(TINY))
+    changed["studies"]["tiny"]["models"][1]["width"] = 6
+    cfg = write_config(work / "changed.yaml", changed)
+    r = snakemake(work, cfg, "-n")
+    counts = job_counts(r.stdout + r.stderr)
+    assert counts["train"] == 2 and counts["distances"] == 2, counts
+    assert "prepare_dataset" not in counts
+    assert "resnet18-basic-residual-even_synthetic" not in r.stdout.split("Job stats")[0]
+
+
+def test_editing_the_measures_module_reruns_measures_not_training(tiny, tmp_path):
+    work, cfg = tiny
+    shutil.copytree(REPO / "src" / "paramdyn", tmp_path / "paramdyn")
+    env = os.environ | {"PYTHONPATH": str(tmp_path)}
+    same = snakemake(work, cfg, "-n", env=env)
+    assert "Nothing to be done" in same.stdout + same.stderr  # a copy alone changes nothing
+    with open(tmp_path / "paramdyn" / "measures.py", "a") as f:
+        f.write("\n# an edit\n")
+    r = snakemake(work, cfg, "-n", env=env)
+    counts = job_counts(r.stdout + r.stderr)
+    assert counts.get("distances") == 4, counts
+    assert "train" not in counts and "prepare_dataset" not in counts
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    bad = json.loads(json.dumps(TINY))
+    bad["studies"]["tiny"]["models"][0]["name"] = "resnet19"
+    bad["studies"]["tiny"]["epochs"] = "two"
+    cfg = write_config(tmp_path / "bad.yaml", bad)
+    r = snakemake(tmp_path, cfg, "--cores", "1")
+    assert r.returncode != 0
+    assert "config key 'studies/tiny/epochs'" in r.stderr
+    assert "'two' is not of type 'integer'" in r.stderr
+    assert not (tmp_path / "results").exists()
+    bad["studies"]["tiny"]["epochs"] = 2
+    r = snakemake(tmp_path, write_config(cfg, bad), "--cores", "1")
+    assert r.returncode != 0
+    assert "unknown model 'resnet19'" in r.stderr and "resnet18-basic-plain" in r.stderr
+    assert not (tmp_path / "results").exists()
