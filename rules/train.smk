@@ -21,6 +21,8 @@ rule train:
         # every hyper-parameter of the run, and the model's fixed options: a change reruns it
         hparams=lambda w: run_spec(w).to_json(),
         model=lambda w: catalog.MODELS[run_spec(w).model_name].options,
+        # where the run trains (snapshots for resuming): outside the declared outputs
+        work_dir="results/.work/{study}/{run_id}",
         code=code_hash(
             "train", "data", "models", "inits", "checkpoints", "tables", "jobs"
         ),

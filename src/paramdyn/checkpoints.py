@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 FORMAT = "paramdyn-checkpoint/1"
 _NAME = re.compile(r"^step(\d{8})\.safetensors$")
@@ -26,6 +25,41 @@ _NAME = re.compile(r"^step(\d{8})\.safetensors$")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict) -> None:
+    """Write a safetensors file byte-for-byte reproducibly (the library's writer orders the
+    metadata at random), atomically: a temporary file, then a rename. Same tensors and
+    metadata, same bytes."""
+    path = Path(path)
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {
+            "dtype": _DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for c in chunks:
+            f.write(c)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -54,10 +88,10 @@ def save_checkpoint(
     run_id: str,
     blocks: list[str],
 ) -> Path:
-    """Write the model's state_dict atomically (temporary file, then rename)."""
+    """Write the model's state_dict atomically and reproducibly."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
     params = [k for k, _ in model.named_parameters()]
     meta = {
         "format": FORMAT,
@@ -69,9 +103,7 @@ def save_checkpoint(
         "blocks": json.dumps(blocks),
     }
     path = directory / checkpoint_name(step)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_safetensors(state, path, meta)
     return path
 
 

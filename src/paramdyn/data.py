@@ -260,7 +260,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def prepare(name: str, data_dir: Path | str, out: Path | str) -> dict[str, object]:
     """Read a dataset and write it as one uint8 safetensors file. Returns its metadata."""
     import torch
-    from safetensors.torch import save_file
+
+    from .checkpoints import write_safetensors
 
     if name not in READERS:
         raise DatasetError(f"unknown dataset '{name}'. Valid: {catalog.describe(READERS)}")
@@ -281,9 +282,7 @@ def prepare(name: str, data_dir: Path | str, out: Path | str) -> dict[str, objec
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    write_safetensors(tensors, out, meta)
     return meta
 
 

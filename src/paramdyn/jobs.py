@@ -51,11 +51,19 @@ def train(smk) -> None:
 
     with _logged(smk):
         spec = RunSpec.from_dict(json.loads(smk.params.hparams))
-        run_dir = Path(smk.output.run_json).parent
-        # the device is read from the config, not params: moving a study from CPU to GPU
-        # must not count as a change of its hyper-parameters
-        device = smk.config.get("device", "auto")
-        train_run(spec, smk.input.dataset, run_dir, device=device, threads=smk.threads)
+        # execution settings come from the config, not params: moving a study from CPU to
+        # GPU must not count as a change of its hyper-parameters
+        train_run(
+            spec,
+            smk.input.dataset,
+            Path(smk.output.run_json).parent,
+            work_dir=smk.params.work_dir,
+            code=smk.params.code,
+            device=smk.config.get("device", "auto"),
+            threads=smk.threads,
+            snapshot_seconds=smk.config.get("snapshot_seconds", 300),
+            deterministic=smk.config.get("deterministic", False),
+        )
 
 
 def distances(smk) -> None:

@@ -4,25 +4,43 @@ The whole dataset sits on the training device as uint8 (``data.DeviceData``); ba
 normalised there. Loss and accuracy accumulate on the device and are read back once per
 epoch, so the loop never waits on the GPU per step. Checkpoints are written at step 0 (the
 init), at the configured cadence, and at the end.
+
+Reliability. A run trains in a work directory outside the rule's declared outputs
+(``results/.work/<study>/<run_id>``), keyed by the run's hyper-parameters and the code
+that trains it:
+
+- a snapshot (model, optimizer, schedule, RNG and data-order state, the history so far) is
+  written atomically at every checkpoint, every epoch end and every ``snapshot_seconds``;
+  a killed job started again continues from it and ends bitwise identical (on CPU) to an
+  uninterrupted run;
+- when training is complete, the files are published (hard-linked) into the run directory;
+  a forced rerun with the same key (``--forceall``) republishes them instead of retraining;
+- a NaN or Inf loss stops the run early: it is marked ``diverged`` in run.json and history,
+  and its checkpoints, history and measures still come out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from . import checkpoints, tables
+from . import __version__, checkpoints, tables
 from .config import RunSpec
 from .data import DeviceData
 from .inits import initialise
@@ -49,6 +67,9 @@ SCHEDULES: dict[str, Callable[[int, int], float]] = {
     "step": lambda step, total: 0.1 ** ((step >= total // 2) + (step >= (3 * total) // 4)),
 }
 
+DIVERGENCE_CHECK_STEPS = 10  # a non-finite loss is looked for every N steps (one sync)
+SNAPSHOT = "snapshot.safetensors"
+
 
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
@@ -56,6 +77,16 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(requested)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic GPU kernels (cuDNN and cuBLAS): bitwise repeatable GPU runs, at a cost
+    in speed (no cuDNN autotuning; some ops fall back to slower deterministic kernels)."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = enabled
+    torch.use_deterministic_algorithms(enabled, warn_only=False)
 
 
 @torch.no_grad()
@@ -72,19 +103,136 @@ def evaluate(model: torch.nn.Module, data: DeviceData, split: str, batch_size: i
     return loss.item() / n, correct.item() / n
 
 
+@dataclass
+class Progress:
+    """Where training stands: enough, with the model and optimizer, to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # batches done in the current epoch
+    epoch_rng: torch.Tensor | None = None  # data-order generator state at the epoch's start
+    loss_sum: float = 0.0
+    correct: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    saved: list[int] = field(default_factory=list)
+    status: str = "running"
+    diverged_at_step: int | None = None
+
+
+def _write_snapshot(path: Path, key: str, model, optimizer, sched, gen, p: Progress) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for name, v in st.items():
+            tensors[f"opt.{idx}.{name}"] = v.detach().cpu().contiguous()
+    tensors["rng.data"] = gen.get_state()
+    tensors["rng.epoch"] = p.epoch_rng if p.epoch_rng is not None else gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "key": key,
+        "param_groups": json.dumps(opt["param_groups"]),
+        "sched": json.dumps(sched.state_dict()),
+        "progress": json.dumps(
+            {k: v for k, v in p.__dict__.items() if k != "epoch_rng"}, allow_nan=True
+        ),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _read_snapshot(path: Path, key: str, model, optimizer, sched, gen) -> Progress | None:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                log.info("snapshot %s is for other hyper-parameters or code: ignored", path)
+                return None
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # a snapshot cut short by a kill: start over
+        log.warning("snapshot %s unreadable (%s): starting from the init", path, e)
+        return None
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    # load_state_dict moves each state tensor to its parameter's device
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    sched.load_state_dict(json.loads(meta["sched"]))
+    gen.set_state(t["rng.data"])
+    torch.set_rng_state(t["rng.torch"])
+    p = Progress(**json.loads(meta["progress"]))
+    p.epoch_rng = t["rng.epoch"]
+    return p
+
+
+def _publish(work: Path, run_dir: Path) -> None:
+    """Hard-link (or copy, across file systems) the finished run into its run directory."""
+    out = run_dir / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    names = [
+        (work / "checkpoints" / p.name, out / p.name) for p in (work / "checkpoints").iterdir()
+    ]
+    names += [(work / n, run_dir / n) for n in ("history.parquet", "run.json")]  # run.json last
+    for src, dst in names:
+        tmp = dst.with_name(dst.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+
+
+def sync(p: Progress, loss_sum, correct, bad) -> bool:
+    """Read the epoch's accumulators back from the device (one synchronisation); True when
+    the loss went non-finite."""
+    p.loss_sum, p.correct = loss_sum.item(), int(correct.item())
+    return bool(bad.item())
+
+
+def run_key(spec: RunSpec, code: str | None = None) -> str:
+    """What a trained run depends on: its hyper-parameters and the code that trains it."""
+    text = spec.to_json() + "\0" + (code or __version__)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
 def train_run(
     spec: RunSpec,
     dataset_path: Path | str,
     run_dir: Path | str,
     *,
+    work_dir: Path | str | None = None,
+    code: str | None = None,
     device: str = "auto",
     threads: int = 1,
+    snapshot_seconds: float = 300.0,
+    deterministic: bool = False,
 ) -> dict[str, Any]:
-    """Train one run. Writes ``checkpoints/``, ``history.parquet`` and ``run.json`` (last) in
-    ``run_dir``; returns the content of run.json."""
+    """Train one run (or continue it, or republish it). Writes ``checkpoints/``,
+    ``history.parquet`` and ``run.json`` (last) in ``run_dir``; returns run.json's content.
+
+    ``work_dir`` (default: ``<run_dir>.work``) holds the run while it trains; ``code``
+    identifies the training code (a snapshot or finished run made by other code or other
+    hyper-parameters is discarded)."""
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
+    work = Path(work_dir) if work_dir is not None else run_dir.with_name(run_dir.name + ".work")
+    key = run_key(spec, code)
+    key_file = work / "key"
+    if work.exists() and (not key_file.exists() or key_file.read_text() != key):
+        log.info("discarding %s: made for other hyper-parameters or code", work)
+        shutil.rmtree(work)
+    if (work / "run.json").exists():
+        log.info("run %s already trained with this key: publishing %s", spec.run_id, work)
+        _publish(work, run_dir)
+        return json.loads((run_dir / "run.json").read_text())
+    (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+    key_file.write_text(key)
+
     torch.set_num_threads(threads)
+    set_deterministic(deterministic)
     dev = resolve_device(device)
     t0 = time.perf_counter()
 
@@ -95,7 +243,6 @@ def train_run(
     blocks = model.block_names()
 
     opt_settings = dict(spec.optimizer_settings)
-    base_lr = opt_settings["lr"]
     optimizer = OPTIMIZERS[spec.optimizer_name](model.parameters(), **opt_settings)
     n_train = data.train_x.shape[0]
     steps_per_epoch = -(-n_train // spec.batch_size)
@@ -104,14 +251,26 @@ def train_run(
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total))
     gen = torch.Generator().manual_seed(spec.seed)  # data order (and augmentation)
 
-    history: list[dict[str, Any]] = []
-    saved: list[int] = []
+    snap = work / SNAPSHOT
+    p = _read_snapshot(snap, key, model, optimizer, lr_sched, gen) if snap.exists() else None
+    resumed = p is not None
+    if p is None:
+        p = Progress()
+    else:
+        log.info("resuming %s at step %d (epoch %d, batch %d)", spec.run_id, p.step, p.epoch,
+                 p.batch)  # fmt: skip
+    last_snapshot = time.monotonic()
+
+    def snapshot() -> None:
+        nonlocal last_snapshot
+        _write_snapshot(snap, key, model, optimizer, lr_sched, gen, p)
+        last_snapshot = time.monotonic()
 
     def save(step: int) -> None:
-        if saved and saved[-1] == step:
+        if p.saved and p.saved[-1] == step:
             return
         checkpoints.save_checkpoint(
-            ckpt_dir,
+            work / "checkpoints",
             model,
             epoch=step // steps_per_epoch,
             step=step,
@@ -119,13 +278,13 @@ def train_run(
             run_id=spec.run_id,
             blocks=blocks,
         )
-        saved.append(step)
+        p.saved.append(step)
 
-    def record(epoch: int, step: int, split: str, loss: float, acc: float) -> None:
-        history.append(
+    def record(epoch: int, split: str, loss: float, acc: float) -> None:
+        p.history.append(
             {
                 "epoch": epoch,
-                "step": step,
+                "step": p.step,
                 "split": split,
                 "loss": loss,
                 "accuracy": acc,
@@ -134,59 +293,99 @@ def train_run(
             }
         )
 
-    log.info("run %s on %s: %d params, %d steps", spec.run_id, dev,
-             sum(p.numel() for p in model.parameters()), total)  # fmt: skip
-    save(0)
-    for split in ("train", "test"):
-        record(0, 0, split, *evaluate(model, data, split, spec.eval_batch_size))
+    if not resumed:
+        log.info("run %s on %s: %d params, %d steps", spec.run_id, dev,
+                 sum(q.numel() for q in model.parameters()), total)  # fmt: skip
+        save(0)
+        for split in ("train", "test"):
+            record(0, split, *evaluate(model, data, split, spec.eval_batch_size))
+        snapshot()
 
-    step = 0
-    for epoch in range(1, spec.epochs + 1):
+    while p.epoch < spec.epochs and p.status == "running":
+        epoch = p.epoch + 1
+        if p.batch == 0:  # a fresh epoch (else: continue the one a snapshot stopped in)
+            p.epoch_rng, p.loss_sum, p.correct = gen.get_state(), 0.0, 0
+        else:
+            gen.set_state(p.epoch_rng)
         model.train()
-        loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
-        correct = torch.zeros((), device=dev, dtype=torch.int64)
-        for x, y in data.train_batches(spec.batch_size, gen):
+        loss_sum = torch.tensor(p.loss_sum, device=dev, dtype=torch.float64)
+        correct = torch.tensor(p.correct, device=dev, dtype=torch.int64)
+        bad = torch.zeros((), device=dev, dtype=torch.bool)
+        seen = p.batch * spec.batch_size
+
+        acc = (loss_sum, correct, bad)
+        for i, (x, y) in enumerate(data.train_batches(spec.batch_size, gen)):
+            if i < p.batch:  # replay the data order (and augmentation draws) up to here
+                continue
             out = model(x)
             loss = F.cross_entropy(out, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             lr_sched.step()
-            step += 1
+            p.step, p.batch, seen = p.step + 1, i + 1, seen + y.shape[0]
             with torch.no_grad():
                 loss_sum += loss.detach().double() * y.shape[0]
                 correct += (out.argmax(1) == y).sum()
-            if spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0:
-                save(step)
-        record(epoch, step, "train", loss_sum.item() / n_train, correct.item() / n_train)
+                bad |= ~torch.isfinite(loss.detach())
+            if p.step % DIVERGENCE_CHECK_STEPS == 0 and sync(p, *acc):
+                break
+            if spec.checkpoint_every_steps and p.step % spec.checkpoint_every_steps == 0:
+                save(p.step)
+                sync(p, *acc)
+                snapshot()
+            elif time.monotonic() - last_snapshot >= snapshot_seconds:
+                sync(p, *acc)
+                snapshot()
+        if sync(p, *acc):
+            p.status, p.diverged_at_step = "diverged", p.step
+            log.warning("run %s diverged (non-finite loss) by step %d: stopping", spec.run_id,
+                        p.step)  # fmt: skip
+            record(epoch, "train", p.loss_sum / seen, p.correct / seen)
+            save(p.step)
+            break
+        record(epoch, "train", p.loss_sum / n_train, p.correct / n_train)
         test_loss, test_acc = evaluate(model, data, "test", spec.eval_batch_size)
-        record(epoch, step, "test", test_loss, test_acc)
+        record(epoch, "test", test_loss, test_acc)
         if (
             spec.checkpoint_every_epochs and epoch % spec.checkpoint_every_epochs == 0
         ) or epoch == spec.epochs:
-            save(step)
+            save(p.step)
+        p.epoch, p.batch = epoch, 0
         log.info(
             "epoch %d/%d step %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1fs",
-            epoch, spec.epochs, step, history[-2]["loss"], history[-2]["accuracy"],
+            epoch, spec.epochs, p.step, p.history[-2]["loss"], p.history[-2]["accuracy"],
             test_loss, test_acc, time.perf_counter() - t0,
         )  # fmt: skip
+        snapshot()
+    if p.status == "running":
+        p.status = "completed"
+    return _finish(spec, p, work, run_dir, dev, threads, steps_per_epoch, total, t0)
 
-    hist = pd.DataFrame(history)
+
+def _finish(spec, p: Progress, work, run_dir, dev, threads, steps_per_epoch, total, t0):
+    hist = pd.DataFrame(p.history)
     for k in ("run_id", "study", "model", "dataset", "init", "optimizer", "seed", "shortcut"):
         hist.insert(0 if k == "run_id" else len(hist.columns), k, getattr(spec, k))
-    tables.write_parquet(hist, run_dir / "history.parquet", {"run_id": spec.run_id})
+    hist["status"] = p.status
+    tables.write_parquet(hist, work / "history.parquet", {"run_id": spec.run_id})
     test_rows = hist[hist.split == "test"]
-    best = test_rows.loc[test_rows.accuracy.idxmax()]
+    best = test_rows.loc[test_rows.accuracy.idxmax()] if test_rows.accuracy.notna().any() else None
     info = {
         "run_id": spec.run_id,
-        "status": "completed",
+        "status": p.status,
+        "diverged_at_step": p.diverged_at_step,
         "hparams": spec.to_dict(),
-        "derived": {"steps_per_epoch": steps_per_epoch, "total_steps": total, "base_lr": base_lr},
-        "checkpoints": [checkpoints.checkpoint_name(s) for s in saved],
+        "derived": {
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total,
+            "steps_done": p.step,
+        },
+        "checkpoints": [checkpoints.checkpoint_name(s) for s in p.saved],
         "result": {
             "final_test_accuracy": float(test_rows.accuracy.iloc[-1]),
-            "best_test_accuracy": float(best.accuracy),
-            "best_epoch": int(best.epoch),
+            "best_test_accuracy": None if best is None else float(best.accuracy),
+            "best_epoch": None if best is None else int(best.epoch),
         },
         "execution": {
             "device": str(dev),
@@ -197,7 +396,9 @@ def train_run(
             "host": platform.node(),
         },
     }
-    tmp = run_dir / "run.json.tmp"
+    tmp = work / "run.json.tmp"
     tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
-    os.replace(tmp, run_dir / "run.json")
+    os.replace(tmp, work / "run.json")
+    (work / SNAPSHOT).unlink(missing_ok=True)  # the finished run needs no snapshot
+    _publish(work, run_dir)
     return info

@@ -1,0 +1,147 @@
+"""Resume after SIGKILL, determinism, divergence, and republishing instead of retraining."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from paramdyn.config import DEFAULT_SCHEMA, load_studies
+from paramdyn.data import prepare
+from paramdyn.train import train_run
+
+STUDY = {
+    "models": [{"name": "resnet18-basic-residual-even", "width": 4}],
+    "datasets": ["synthetic"],
+    "inits": ["kaiming-normal"],
+    "optimizers": [{"name": "sgd", "lr": 0.05}],
+    "seeds": [0],
+    "epochs": 3,
+    "batch_size": 32,
+    "augment": True,
+    "checkpoint": {"every_epochs": 1, "every_steps": 5},
+}
+
+
+def make_spec(**changes):
+    study = {**STUDY, **changes}
+    studies = load_studies({"studies": {"r": study}}, DEFAULT_SCHEMA)
+    (spec,) = studies["r"].runs.values()
+    return spec
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "synthetic.safetensors"
+    prepare("synthetic", path.parent, path)
+    return path
+
+
+def ckpt_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "checkpoints").glob("step*"))}
+
+
+def history_without_time(run_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(run_dir / "history.parquet").drop(columns=["seconds"])
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    info = train_run(make_spec(), dataset, run_dir, device="cpu")
+    return run_dir, info
+
+
+def test_same_seed_is_bitwise_identical(dataset, reference, tmp_path):
+    ref_dir, info = reference
+    assert info["status"] == "completed"
+    again = tmp_path / "again"
+    train_run(make_spec(), dataset, again, device="cpu")
+    assert ckpt_bytes(again) == ckpt_bytes(ref_dir)
+    pd.testing.assert_frame_equal(history_without_time(again), history_without_time(ref_dir))
+    other = tmp_path / "other"
+    train_run(make_spec(seeds=[1]), dataset, other, device="cpu")
+    a, b = ckpt_bytes(other), ckpt_bytes(ref_dir)
+    assert a.keys() == b.keys() and all(a[k] != b[k] for k in a)
+
+
+KILL_SCRIPT = """
+import json, sys
+from paramdyn.config import RunSpec
+from paramdyn.train import train_run
+spec = RunSpec.from_dict(json.loads(open(sys.argv[1]).read()))
+train_run(spec, sys.argv[2], sys.argv[3], device="cpu", snapshot_seconds=0)
+"""
+
+
+def _run_and_kill(spec_file, dataset, run_dir, after_checkpoints: int) -> bool:
+    """Start training in a real process; SIGKILL it once the work directory holds
+    ``after_checkpoints`` checkpoints. Returns whether it was killed before finishing."""
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, spec_file, dataset, run_dir])
+    ckpts = Path(str(run_dir) + ".work") / "checkpoints"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ckpts.is_dir() and len(list(ckpts.glob("step*.safetensors"))) >= after_checkpoints:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.005)
+    proc.wait()
+    return False
+
+
+def test_resume_after_sigkill_is_bitwise_identical(dataset, reference, tmp_path):
+    ref_dir, _ = reference
+    spec = make_spec()
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.to_json())
+    run_dir = tmp_path / "killed"
+    killed = [_run_and_kill(str(spec_file), str(dataset), str(run_dir), n) for n in (2, 5, 8)]
+    assert any(killed), "training finished before any kill: make it longer"
+    assert not (run_dir / "run.json").exists()
+    info = train_run(spec, dataset, run_dir, device="cpu")  # the same command again
+    assert info["status"] == "completed"
+    assert ckpt_bytes(run_dir) == ckpt_bytes(ref_dir)
+    pd.testing.assert_frame_equal(history_without_time(run_dir), history_without_time(ref_dir))
+
+
+def test_forced_rerun_republishes_instead_of_retraining(dataset, tmp_path):
+    spec = make_spec(epochs=1)
+    run_dir = tmp_path / "run"
+    train_run(spec, dataset, run_dir, device="cpu", code="v1")
+    first = {p.name: p.stat().st_ino for p in (run_dir / "checkpoints").iterdir()}
+    # what Snakemake does before a forced rerun: delete the outputs
+    for p in (run_dir / "checkpoints").iterdir():
+        p.unlink()
+    (run_dir / "run.json").unlink()
+    t = time.perf_counter()
+    train_run(spec, dataset, run_dir, device="cpu", code="v1")
+    assert time.perf_counter() - t < 5
+    assert {p.name: p.stat().st_ino for p in (run_dir / "checkpoints").iterdir()} == first
+    # other code (or other hyper-parameters) trains again
+    train_run(spec, dataset, run_dir, device="cpu", code="v2")
+    assert {p.name: p.stat().st_ino for p in (run_dir / "checkpoints").iterdir()} != first
+
+
+def test_divergence_stops_and_is_flagged(dataset, tmp_path):
+    from paramdyn.checkpoints import list_checkpoints
+    from paramdyn.measures import compare
+
+    spec = make_spec(models=["lenet5"], optimizers=[{"name": "sgd", "lr": 100.0}], augment=False)
+    info = train_run(spec, dataset, tmp_path / "run", device="cpu")
+    assert info["status"] == "diverged"
+    assert info["diverged_at_step"] < info["derived"]["total_steps"]
+    hist = pd.read_parquet(tmp_path / "run" / "history.parquet")
+    assert (hist.status == "diverged").all()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["checkpoints"][-1] == f"step{info['diverged_at_step']:08d}.safetensors"
+    # its measures still come out
+    df = compare(list_checkpoints(tmp_path / "run" / "checkpoints"))
+    assert len(df) > 0
