@@ -21,6 +21,7 @@ rule download_dataset:
         ENV
     params:
         data_dir=DATA_DIR,
+        allow_download=config["download"],
         code=code_hash("data", "jobs"),
     script:
         "../scripts/download_dataset.py"

@@ -147,3 +147,20 @@ def test_shipped_config_is_valid():
     studies = load_studies(cfg, DEFAULT_SCHEMA)
     assert len(studies["demo"].runs) == 16
     assert len(studies["depth"].runs) == 12 * 4 * 3
+
+
+def test_offline_with_a_missing_preplaced_dataset(tmp_path):
+    cfg = _with("studies/s/datasets", ["cifar10"])
+    cfg["download"] = False
+    cfg["data_dir"] = str(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        _load(cfg)
+    msg = str(e.value)
+    assert "config key 'download'" in msg and "'cifar10'" in msg
+    assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in msg
+    assert "set download: true" in msg
+    for rel in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+                "data_batch_5", "test_batch"):  # fmt: skip
+        (tmp_path / "cifar-10-batches-py").mkdir(exist_ok=True)
+        (tmp_path / "cifar-10-batches-py" / rel).write_bytes(b"x")
+    assert len(_load(cfg)["s"].runs) == 16  # all there now: valid

@@ -32,6 +32,8 @@ class DatasetSpec:
     train_size: int
     test_size: int
     description: str
+    # torchvision's native files under data_dir (MNIST's may also be gzip-compressed, .gz)
+    files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,15 @@ MODELS: dict[str, ModelSpec] = {
 
 # --- datasets ---------------------------------------------------------------------------
 
+
+def _idx_files(folder: str) -> tuple[str, ...]:
+    return tuple(
+        f"{folder}/raw/{s}-{kind}-idx{d}-ubyte"
+        for s in ("train", "t10k")
+        for kind, d in (("images", 3), ("labels", 1))
+    )
+
+
 DATASETS: dict[str, DatasetSpec] = {
     "mnist5k": DatasetSpec(
         "mnist5k", "embedded", 1, 28, 10, 4000, 1000,
@@ -106,17 +117,23 @@ DATASETS: dict[str, DatasetSpec] = {
         "generated 12x12 class templates plus noise, for fast tests",
     ),
     "mnist": DatasetSpec(
-        "mnist", "torchvision", 1, 28, 10, 60000, 10000, "MNIST (torchvision download)"
+        "mnist", "torchvision", 1, 28, 10, 60000, 10000, "MNIST (torchvision download)",
+        _idx_files("MNIST"),
     ),
     "fashionmnist": DatasetSpec(
         "fashionmnist", "torchvision", 1, 28, 10, 60000, 10000,
-        "Fashion-MNIST (torchvision download)",
+        "Fashion-MNIST (torchvision download)", _idx_files("FashionMNIST"),
     ),
     "cifar10": DatasetSpec(
-        "cifar10", "torchvision", 3, 32, 10, 50000, 10000, "CIFAR-10 (torchvision download)"
+        "cifar10", "torchvision", 3, 32, 10, 50000, 10000, "CIFAR-10 (torchvision download)",
+        tuple(f"cifar-10-batches-py/{n}" for n in
+              ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+               "test_batch"]),
     ),
     "cifar100": DatasetSpec(
-        "cifar100", "torchvision", 3, 32, 100, 50000, 10000, "CIFAR-100, fine labels (torchvision download)"
+        "cifar100", "torchvision", 3, 32, 100, 50000, 10000,
+        "CIFAR-100, fine labels (torchvision download)",
+        ("cifar-100-python/train", "cifar-100-python/test"),
     ),
 }  # fmt: skip
 

@@ -250,6 +250,16 @@ def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) ->
         for name in selected
         if name in config["studies"]
     }
+    if not config["download"]:
+        used = sorted({d for s in studies.values() for d in s.datasets})
+        for d in used:
+            missing = missing_files(d, config["data_dir"])
+            if missing:
+                errors.append(
+                    f"config key 'download': false, but dataset '{d}' is not in data_dir "
+                    f"'{config['data_dir']}' (missing {missing[0]}). Place torchvision's files "
+                    "there, point data_dir at them, or set download: true"
+                )
     errors = list(dict.fromkeys(errors))  # one grid problem shows once, not once per run
     if errors:
         raise ConfigError(
@@ -258,6 +268,16 @@ def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) ->
             )
         )
     return studies
+
+
+def missing_files(dataset: str, data_dir: Path | str) -> list[str]:
+    """The native files of a downloadable dataset that are not in ``data_dir``."""
+    root = Path(data_dir)
+    return [
+        str(root / f)
+        for f in catalog.DATASETS[dataset].files
+        if not (root / f).is_file() and not (root / f"{f}.gz").is_file()
+    ]
 
 
 def detect_device(requested: str) -> str:

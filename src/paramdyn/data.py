@@ -227,13 +227,17 @@ def read_native(name: str, data_dir: Path | str) -> Arrays:
     return arrays
 
 
-def download(name: str, data_dir: Path | str, marker: Path | str) -> None:
+def download(
+    name: str, data_dir: Path | str, marker: Path | str, *, allow_download: bool = True
+) -> None:
     """Fetch a torchvision dataset unless its files are already in ``data_dir``, check that it
     reads, and write ``marker`` (JSON with the files' SHA-256) for the prepare rule."""
     data_dir = Path(data_dir)
     try:
         read_native(name, data_dir)
     except DatasetError:
+        if not allow_download:
+            raise
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, TORCHVISION_CLASSES[name])
@@ -241,9 +245,9 @@ def download(name: str, data_dir: Path | str, marker: Path | str) -> None:
             cls(root=str(data_dir), train=train, download=True)
         read_native(name, data_dir)
     files = {}
-    for p in sorted(data_dir.rglob("*")):
-        if p.is_file() and not p.name.endswith((".tar.gz", ".zip")):
-            files[str(p.relative_to(data_dir))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    for rel in catalog.DATASETS[name].files:
+        p = data_dir / rel if (data_dir / rel).is_file() else data_dir / f"{rel}.gz"
+        files[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     _atomic_write_text(Path(marker), json.dumps({"dataset": name, "files": files}, indent=1))
 
 

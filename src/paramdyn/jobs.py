@@ -34,7 +34,12 @@ def download_dataset(smk) -> None:
 
     with _logged(smk) as log:
         log.info("fetching %s into %s", smk.wildcards.dataset, smk.params.data_dir)
-        download(smk.wildcards.dataset, smk.params.data_dir, smk.output[0])
+        download(
+            smk.wildcards.dataset,
+            smk.params.data_dir,
+            smk.output[0],
+            allow_download=smk.params.allow_download,
+        )
 
 
 def prepare_dataset(smk) -> None:
