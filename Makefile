@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.paramdyn-installed
 CORES ?= 2
 
-.PHONY: setup demo test lint fmt bench clean-demo
+.PHONY: setup demo test lint fmt bench disk
 
 # The virtual environment, with every package pinned by constraints.txt; rebuilt when the
 # pins or the package metadata change.
@@ -20,6 +20,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete
 	@echo "demo done: tables in results/demo/*.parquet, figures in results/demo/figures/"
+
+# Checkpoint storage each study of config.yaml will need, before anything runs.
+disk: $(STAMP)
+	$(BIN)/paramdyn disk config.yaml --run $$($(BIN)/python -c "import yaml; print(' '.join(yaml.safe_load(open('config.yaml'))['studies']))")
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -14,6 +14,8 @@ rule distances:
     conda:
         ENV
     params:
+        keep_steps=lambda w: STUDIES[w.study].keep_step_checkpoints,
+        work_dir="results/.work/{study}/{run_id}",
         code=code_hash("measures", "checkpoints", "tables", "jobs"),
     script:
         "../scripts/distances.py"

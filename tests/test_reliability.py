@@ -145,3 +145,46 @@ def test_divergence_stops_and_is_flagged(dataset, tmp_path):
     # its measures still come out
     df = compare(list_checkpoints(tmp_path / "run" / "checkpoints"))
     assert len(df) > 0
+
+
+def test_disk_estimate_counts_checkpoints(capsys):
+    from paramdyn.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    assert main(["disk", str(repo / "config.yaml"), "--run", "demo"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    demo = next(line for line in out if line.startswith("demo")).split()
+    # 16 runs x 13 checkpoints: steps 0, 10, ..., 90, the 3 epoch ends (32, 64, 96)
+    assert demo[1:4] == ["16", "208", "144"]
+    spec = make_spec()  # 512 images, batch 32: 16 steps per epoch; every 5 steps and epochs
+    assert spec.checkpoint_steps() == sorted({*range(0, 49, 5), 16, 32, 48})
+
+
+def test_drop_step_checkpoints_keeps_epoch_ends(dataset, reference, tmp_path):
+    import shutil
+
+    from paramdyn.checkpoints import drop_step_checkpoints
+
+    ref_dir, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir / "checkpoints", run / "checkpoints")
+    work = tmp_path / "work"
+    shutil.copytree(ref_dir / "checkpoints", work / "checkpoints")
+    dropped = drop_step_checkpoints(run / "checkpoints", work)
+    left = sorted(p.name for p in (run / "checkpoints").glob("step*"))
+    assert left == [f"step{s:08d}.safetensors" for s in (0, 16, 32, 48)]
+    assert dropped == 9  # steps 5, 10, 15, 20, 25, 30, 35, 40, 45
+    assert sorted(p.name for p in (work / "checkpoints").glob("step*")) == left
+
+
+def test_no_pickle_anywhere():
+    """Checkpoints and tables never go through pickle; torch.load only with weights_only."""
+    import re
+
+    src = Path(__file__).resolve().parents[1] / "src" / "paramdyn"
+    for path in src.glob("*.py"):
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in m.group(1), path
+        if path.name != "data.py":  # data.py: CIFAR's own format, via a numpy-only unpickler
+            assert not re.search(r"\bpickle\.(loads?|Unpickler)\b", text), path

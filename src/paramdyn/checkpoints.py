@@ -144,3 +144,22 @@ def load_into(model: torch.nn.Module, path: Path | str) -> Checkpoint:
     ckpt = read_checkpoint(path)
     model.load_state_dict(ckpt.tensors)
     return ckpt
+
+
+def drop_step_checkpoints(*directories: Path | str) -> int:
+    """Delete the mid-epoch checkpoints (``epoch_end`` 0) from each directory (a run's
+    checkpoints and its work copy: hard links of the same files). Returns how many files
+    were deleted from the first directory."""
+    dropped = 0
+    for i, directory in enumerate(directories):
+        folder = Path(directory)
+        if folder.name != "checkpoints":
+            folder = folder / "checkpoints"
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("step*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("epoch_end") == "0":
+                    path.unlink()
+                    dropped += i == 0
+    return dropped

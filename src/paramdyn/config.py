@@ -58,6 +58,23 @@ class RunSpec:
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
         return cls(**d)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-catalog.DATASETS[self.dataset].train_size // self.batch_size)
+
+    def checkpoint_steps(self) -> list[int]:
+        """The steps at which this run saves a checkpoint (if it does not diverge)."""
+        per_epoch = self.steps_per_epoch
+        total = per_epoch * self.epochs
+        steps = {0, total}
+        if self.checkpoint_every_steps:
+            steps |= set(range(0, total + 1, self.checkpoint_every_steps))
+        if self.checkpoint_every_epochs:
+            steps |= {
+                e * per_epoch for e in range(0, self.epochs + 1, self.checkpoint_every_epochs)
+            }
+        return sorted(steps)
+
 
 @dataclass(frozen=True)
 class Study:
@@ -66,6 +83,7 @@ class Study:
     datasets: tuple[str, ...]
     figures: dict[str, Any]
     measures: dict[str, Any]
+    keep_step_checkpoints: bool = True
 
 
 def _schema_error(err: Any) -> str:
@@ -224,7 +242,14 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
             checkpoint_every_steps=every_steps,
             measures=dict(s["measures"]),
         )
-    return Study(name, runs, tuple(s["datasets"]), dict(s["figures"]), dict(s["measures"]))
+    return Study(
+        name,
+        runs,
+        tuple(s["datasets"]),
+        dict(s["figures"]),
+        dict(s["measures"]),
+        keep_step_checkpoints=ckpt.get("keep_steps", True),
+    )
 
 
 def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) -> dict[str, Study]:

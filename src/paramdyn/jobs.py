@@ -72,12 +72,16 @@ def train(smk) -> None:
 
 
 def distances(smk) -> None:
+    from .checkpoints import drop_step_checkpoints
     from .measures import run_distances
 
     with _logged(smk) as log:
         info = json.loads(Path(smk.input.run_json).read_text())
         df = run_distances(smk.input.checkpoints, info, smk.output[0])
         log.info("%d rows for %s", len(df), info["run_id"])
+        if not smk.params.keep_steps:
+            dropped = drop_step_checkpoints(smk.input.checkpoints, smk.params.work_dir)
+            log.info("dropped %d mid-epoch checkpoints (keep_steps: false)", dropped)
 
 
 def aggregate(smk) -> None:
