@@ -38,6 +38,7 @@ def study_targets():
         targets += [
             f"results/{study}/distances.parquet",
             f"results/{study}/history.parquet",
+            f"results/{study}/gradients.parquet",
             f"results/{study}/figures/distance_vs_depth_init.png",
             f"results/{study}/figures/distance_vs_depth_previous.png",
             f"results/{study}/figures/accuracy.png",

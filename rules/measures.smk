@@ -31,7 +31,7 @@ rule aggregate:
     benchmark:
         "results/{study}/benchmarks/aggregate/{table}.tsv"
     wildcard_constraints:
-        table="distances|history",
+        table="distances|history|gradients",
     conda:
         ENV
     params:

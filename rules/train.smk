@@ -7,6 +7,7 @@ rule train:
     output:
         run_json=f"{RUN_DIR}/run.json",
         history=f"{RUN_DIR}/history.parquet",
+        gradients=f"{RUN_DIR}/gradients.parquet",
         checkpoints=directory(f"{RUN_DIR}/checkpoints"),
     log:
         "results/{study}/logs/train/{run_id}.log",

@@ -27,6 +27,7 @@ STUDY = {
     "batch_size": 32,
     "augment": True,
     "checkpoint": {"every_epochs": 1, "every_steps": 5},
+    "gradients": {"every_steps": 3, "track_reached": True},
 }
 
 
@@ -110,6 +111,12 @@ def test_resume_after_sigkill_is_bitwise_identical(dataset, reference, tmp_path)
     assert info["status"] == "completed"
     assert ckpt_bytes(run_dir) == ckpt_bytes(ref_dir)
     pd.testing.assert_frame_equal(history_without_time(run_dir), history_without_time(ref_dir))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(run_dir / "gradients.parquet"),
+        pd.read_parquet(ref_dir / "gradients.parquet"),
+    )
+    reached = run_dir / "grad_reached.safetensors"
+    assert reached.read_bytes() == (ref_dir / "grad_reached.safetensors").read_bytes()
 
 
 def test_forced_rerun_republishes_instead_of_retraining(dataset, tmp_path):

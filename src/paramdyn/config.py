@@ -46,6 +46,8 @@ class RunSpec:
     augment: bool
     checkpoint_every_epochs: int | None
     checkpoint_every_steps: int | None
+    gradients_every_steps: int | None = None
+    track_grad_reached: bool = False
     measures: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -240,6 +242,8 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
             augment=s["augment"],
             checkpoint_every_epochs=every_epochs,
             checkpoint_every_steps=every_steps,
+            gradients_every_steps=s["gradients"].get("every_steps"),
+            track_grad_reached=s["gradients"]["track_reached"],
             measures=dict(s["measures"]),
         )
     return Study(

@@ -17,6 +17,7 @@ order (numpy arrays or torch tensors; computed in float64 with numpy):
 - :func:`matched_correlation`: Pearson correlation between units, each unit of X matched
   to one unit of Y by the Hungarian algorithm (Li et al. 2015, "convergent learning").
 - :func:`procrustes_distance`: orthogonal Procrustes distance (Ding et al. 2021).
+- :func:`cross_correlation`: the unit-by-unit Pearson correlations behind the matching.
 - Within one model: :func:`correlation_matrix` and :func:`correlation_summary`.
 
 Undefined values raise ValueError with the reason (too few probe samples, constant
@@ -31,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,12 +137,14 @@ def save_features(
     *,
     indices: Sequence[int] | np.ndarray | None = None,
 ) -> Path:
-    """Write features (n x units, stored float32) to a safetensors file atomically.
+    """Write features (n x units, stored float32) to a safetensors file atomically and
+    byte-reproducibly (``checkpoints.write_safetensors``).
     ``metadata`` (JSON-serialisable) is kept; ``indices`` (the probe indices), when given,
     are stored too and their SHA-256 is added to the metadata as ``probe_sha256``, so two
     files can be checked to hold the same probe samples."""
     import torch
-    from safetensors.torch import save_file
+
+    from .checkpoints import write_safetensors
 
     path = Path(path)
     t = torch.as_tensor(feats).detach().to("cpu", torch.float32).contiguous()
@@ -158,9 +160,7 @@ def save_features(
         meta["probe_sha256"] = hashlib.sha256(idx.tobytes()).hexdigest()
     header = {"format": FORMAT, "paramdyn": json.dumps(meta, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, path)
+    write_safetensors(tensors, path, header)  # byte-reproducible, atomic (tmp + rename)
     return path
 
 
@@ -350,6 +350,17 @@ def procrustes_distance(X, Y) -> float:
         Z /= math.sqrt(colsq.sum())
     nuclear = float(np.linalg.svd(Xc.T @ Yc, compute_uv=False).sum())
     return float(min(2.0, max(0.0, 2.0 - 2.0 * nuclear)))
+
+
+def cross_correlation(X, Y) -> np.ndarray:
+    """Pearson correlation between every unit of X and every unit of Y (p x q); rows of
+    constant units of X and columns of constant units of Y are NaN."""
+    X, Y = _pair(X, Y)
+    Zx, live_x, _ = _standardised(X, "X")
+    Zy, live_y, _ = _standardised(Y, "Y")
+    out = np.full((X.shape[1], Y.shape[1]), np.nan)
+    out[np.ix_(live_x, live_y)] = np.clip(Zx.T @ Zy, -1.0, 1.0)
+    return out
 
 
 def correlation_matrix(X) -> np.ndarray:

@@ -229,7 +229,7 @@ def _reinit(state, keys, options, ctx):
         )
     prefixes = tuple(b + "." for b in options["blocks"])
     for k, t in state.items():
-        if k.startswith(prefixes) and (k in keys or options["include_buffers"]):
+        if k.startswith(tuple(b for b in options["blocks"])) and (k in keys or options["include_buffers"]):
             t.copy_(fresh[k])
     return state
 

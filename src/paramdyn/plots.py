@@ -97,3 +97,181 @@ def history_curves(history: Path | str, out: Path | str, measure: str):
     g.set_titles("{col_name}")
     g.figure.suptitle(f"{measure} (band: 95% CI over seeds)", y=1.02)
     _save(g.figure, out)
+
+
+# --- representations and perturbations (study "dynamics") ------------------------------------
+
+SIMILARITY_LABELS = {
+    "cka_linear": ("linear CKA", 1.0, (0.0, 1.0)),
+    "cka_linear_unbiased": ("linear CKA (unbiased HSIC)", 1.0, (0.0, 1.0)),
+    "matched_correlation": ("mean correlation of matched units", 1.0, (0.0, 1.0)),
+    "procrustes": ("Procrustes distance (0 = same up to rotation)", 0.0, (0.0, 2.0)),
+}  # measure -> (label, value of a run with itself, colour range)
+ANNOTATE_MAX = 12  # annotate heatmap cells up to this many runs
+
+
+def _short_labels(runs: list[str]) -> tuple[list[str], str]:
+    """Run ids without the '_'-separated tokens they all share, and those tokens."""
+    tokens = [r.split("_") for r in runs]
+    common = [t for t in tokens[0] if all(t in ts for ts in tokens[1:])] if len(runs) > 1 else []
+    short = [
+        "_".join(t for t in ts if t not in common) or r for ts, r in zip(tokens, runs, strict=True)
+    ]
+    if len(set(short)) < len(runs):
+        return list(runs), ""
+    return short, "_".join(common)
+
+
+def cka_heatmap(similarity, out: Path | str, measure: str = "cka_linear") -> None:
+    """Runs x runs heatmap of one measure of a similarity table (a DataFrame or Parquet path
+    with columns run_a, run_b, measure, value, as ``features.similarity_table`` writes).
+    Symmetric; the diagonal is the value of a run with itself (1 for similarities, 0 for
+    Procrustes) unless the table has it; pairs not in the table are blank; a pair listed
+    more than once shows its mean. Cells are annotated up to ANNOTATE_MAX runs."""
+    df = similarity if isinstance(similarity, pd.DataFrame) else tables.read_parquet(similarity)
+    df = df[df["measure"] == measure]
+    if df.empty:
+        _empty(out, f"no '{measure}' values in the similarity table")
+        return
+    label, self_value, (vmin, vmax) = SIMILARITY_LABELS.get(
+        measure, (measure, np.nan, (None, None))
+    )
+    runs = sorted(set(df["run_a"]) | set(df["run_b"]))
+    pos = {r: i for i, r in enumerate(runs)}
+    m = np.full((len(runs), len(runs)), np.nan)
+    np.fill_diagonal(m, self_value)
+    for (a, b), v in df.groupby(["run_a", "run_b"])["value"].mean().items():
+        m[pos[a], pos[b]] = m[pos[b], pos[a]] = v
+    short, common = _short_labels(runs)
+    side = 0.55 * len(runs)
+    fig, ax = plt.subplots(figsize=(max(4.5, side + 2.5), max(3.5, side + 1.5)))
+    sns.heatmap(
+        pd.DataFrame(m, index=short, columns=short), ax=ax, vmin=vmin, vmax=vmax, square=True,
+        cmap="viridis_r" if measure == "procrustes" else "viridis",
+        annot=len(runs) <= ANNOTATE_MAX, fmt=".2f", annot_kws={"size": 7},
+        cbar_kws={"label": label}, linewidths=0.5, linecolor="white",
+    )  # fmt: skip
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+    ax.tick_params(axis="y", labelrotation=0, labelsize=7)
+    ax.set_title(f"{label}\n{common}" if common else label, fontsize=9)
+    _save(fig, out)
+
+
+def _cluster_order(corr: np.ndarray) -> np.ndarray:
+    """Units ordered for display: average-linkage clustering on 1 - |corr| (leaf order),
+    units with undefined correlation (constant: NaN rows) last."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    live = np.flatnonzero(~np.isnan(np.diag(corr)))
+    dead = np.flatnonzero(np.isnan(np.diag(corr)))
+    if live.size < 3:
+        return np.concatenate([live, dead])
+    dist = 1.0 - np.abs(corr[np.ix_(live, live)])
+    np.fill_diagonal(dist, 0.0)
+    dist = np.clip((dist + dist.T) / 2.0, 0.0, None)
+    order = leaves_list(linkage(squareform(dist, checks=False), method="average"))
+    return np.concatenate([live[order], dead])
+
+
+def correlation_heatmap(X, out: Path | str, title: str, Y=None) -> None:
+    """Pearson correlation between feature units (X: samples x units), units reordered by
+    hierarchical clustering so correlated groups sit together; constant (dead) units are
+    last and blank. With ``Y`` (a second model's features on the same samples): the X x Y
+    correlations, X's units in X's cluster order and each X unit's matched Y unit
+    (``features.matched_correlation``) in the same position, so matched pairs lie on the
+    diagonal; Y's unmatched units follow."""
+    from . import features
+
+    within = features.correlation_matrix(X)
+    order_x = _cluster_order(within)
+    if Y is None:
+        corr = within[np.ix_(order_x, order_x)]
+        s = features.correlation_summary(X) if (~np.isnan(np.diag(within))).sum() >= 2 else None
+        note = (
+            f"mean |r| off-diagonal {s['mean_abs_offdiag']:.3f}, effective rank "
+            f"{s['effective_rank']:.1f} of {s['units']}, {s['constant_units']} constant units"
+            if s
+            else "fewer than 2 non-constant units"
+        )
+        xlabel = ylabel = "unit (clustered order)"
+    else:
+        cross = features.cross_correlation(X, Y)
+        mean, _, assignment = features.matched_correlation(X, Y)
+        matched = [int(assignment[i]) for i in order_x if assignment[i] >= 0]
+        rest = [j for j in range(cross.shape[1]) if j not in set(matched)]
+        rows = [i for i in order_x if assignment[i] >= 0] + [
+            i for i in order_x if assignment[i] < 0
+        ]
+        corr = cross[np.ix_(rows, matched + rest)]
+        note = f"matched units on the diagonal: mean r {mean:.3f}"
+        xlabel, ylabel = "second model's unit (matched order)", "unit (clustered order)"
+    size = min(9.0, 3.0 + 0.04 * max(corr.shape))
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    sns.heatmap(
+        corr, ax=ax, vmin=-1.0, vmax=1.0, center=0.0, cmap="vlag", square=corr.shape[0] == corr.shape[1],
+        xticklabels=False, yticklabels=False, cbar_kws={"label": "Pearson r"},
+    )  # fmt: skip
+    ax.set_facecolor("0.75")  # NaN cells: constant units, correlation undefined
+    if np.isnan(corr).any():
+        note += "; grey: constant units"
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title}\n{note}", fontsize=9)
+    _save(fig, out)
+
+
+def perturbation_bars(perturbations, out: Path | str) -> None:
+    """For each perturbation: ‖θ1 - θ2‖ / ‖θ1‖ (the retrained weights against the original
+    trained ones) and test accuracy before (the original run) and after retraining.
+
+    ``perturbations``: a DataFrame or Parquet path, one row per retrained run, with columns
+    ``perturbation``, ``accuracy_before``, ``accuracy_after`` and either
+    ``rel_dist_theta1_theta2`` or ``dist_theta1_theta2`` and ``norm_theta1`` (the keys of
+    ``perturb.perturbation_summary``); optional ``model`` and ``dataset`` make one row of
+    panels per setting. Bars are means, whiskers 95% CIs over the rows (seeds)."""
+    df = (
+        perturbations
+        if isinstance(perturbations, pd.DataFrame)
+        else tables.read_parquet(perturbations)
+    )
+    if df.empty:
+        _empty(out, "no perturbation results")
+        return
+    df = df.copy()
+    if "rel_dist_theta1_theta2" not in df:
+        df["rel_dist_theta1_theta2"] = df["dist_theta1_theta2"] / df["norm_theta1"]
+    keys = [k for k in ("model", "dataset") if k in df]
+    df["setting"] = df[keys].astype(str).agg(" / ".join, axis=1) if keys else ""
+    settings = sorted(df["setting"].unique())
+    order = sorted(df["perturbation"].unique())
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(
+        len(settings), 2, figsize=(max(7.0, 1.3 * len(order) + 4.0), 2.8 * len(settings)),
+        squeeze=False,
+    )  # fmt: skip
+    for (ax_d, ax_a), setting in zip(axes, settings, strict=True):
+        sub = df[df["setting"] == setting]
+        sns.barplot(data=sub, x="perturbation", y="rel_dist_theta1_theta2", order=order,
+                    errorbar=("ci", 95), ax=ax_d, color="C0")  # fmt: skip
+        values = sub["rel_dist_theta1_theta2"]
+        if (values > 0).all() and values.max() / values.min() > 100:
+            ax_d.set_yscale("log")
+        ax_d.set_ylabel("‖θ1 - θ2‖ / ‖θ1‖")
+        ax_d.set_title(f"{setting}: retrained vs original weights".lstrip(": "), fontsize=9)
+        acc = sub.melt(id_vars=["perturbation"], value_vars=["accuracy_before", "accuracy_after"],
+                       var_name="when", value_name="accuracy")  # fmt: skip
+        acc["when"] = acc["when"].str.removeprefix("accuracy_")
+        sns.barplot(data=acc, x="perturbation", y="accuracy", hue="when", order=order,
+                    hue_order=["before", "after"], errorbar=("ci", 95), ax=ax_a)  # fmt: skip
+        ax_a.set_ylim(0.0, 1.0)
+        sns.move_legend(ax_a, "upper left", bbox_to_anchor=(1.0, 1.0), title="", frameon=False)
+        ax_a.set_ylabel("test accuracy")
+        ax_a.set_title("before perturbation / after retraining", fontsize=9)
+        for ax in (ax_d, ax_a):
+            ax.set_xlabel("")
+            ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    _save(fig, out)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,114 @@ def evaluate(model: torch.nn.Module, data: DeviceData, split: str, batch_size: i
     return loss.item() / n, correct.item() / n
 
 
+GRAD_STATS = ("grad_l2", "grad_max_abs", "zeros", "nans", "infs")
+
+
+class GradientRecorder:
+    """Per-tensor gradient statistics every ``every`` steps (L2 norm, max |g|, exact zeros,
+    NaN and Inf counts), computed on the device right after ``backward()`` and kept there:
+    they are read back only at the loop's sync points (epoch ends, snapshots), so recording
+    adds no device synchronisation. With ``track_reached`` it also keeps, per entry,
+    whether any step ever gave it a non-zero gradient."""
+
+    def __init__(self, model: torch.nn.Module, every: int | None, track_reached: bool):
+        named = list(model.named_parameters())
+        self.names = [n for n, _ in named]
+        self.params = [q for _, q in named]
+        self.every = every
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.steps: list[int] = []
+        self.stats: list[torch.Tensor] = []  # each (n_tensors, len(GRAD_STATS)), float64, CPU
+        self.reached = (
+            [torch.zeros_like(q, dtype=torch.bool) for q in self.params] if track_reached else None
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.every) or self.reached is not None
+
+    @torch.no_grad()
+    def after_backward(self, step: int) -> None:
+        """``step``: the optimizer step about to be taken (1 = the first)."""
+        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
+        if self.reached is not None:
+            for r, g in zip(self.reached, grads, strict=True):
+                r.logical_or_(g != 0)
+        if self.every and step % self.every == 0:
+            cols = [
+                torch.stack(torch._foreach_norm(grads)),
+                torch.stack(torch._foreach_norm(grads, ord=float("inf"))),
+                torch.stack([(g == 0).sum() for g in grads]),
+                torch.stack([torch.isnan(g).sum() for g in grads]),
+                torch.stack([torch.isinf(g).sum() for g in grads]),
+            ]
+            self.pending.append((step, torch.stack([c.double() for c in cols], dim=1)))
+
+    def flush(self) -> None:
+        for step, st in self.pending:
+            self.steps.append(step)
+            self.stats.append(st.cpu())
+        self.pending.clear()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        self.flush()
+        out = {"grad.steps": torch.tensor(self.steps, dtype=torch.int64)}
+        out["grad.stats"] = (
+            torch.stack(self.stats) if self.stats else torch.zeros(0, len(self.names), 5)
+        ).double()
+        if self.reached is not None:
+            out.update(
+                {f"reached.{n}": r.cpu() for n, r in zip(self.names, self.reached, strict=True)}
+            )
+        return out
+
+    def load(self, t: dict[str, torch.Tensor]) -> None:
+        self.steps = t["grad.steps"].tolist()
+        self.stats = list(t["grad.stats"].unbind(0))
+        if self.reached is not None:
+            for i, n in enumerate(self.names):
+                self.reached[i].copy_(t[f"reached.{n}"])
+
+    def table(self, layout: dict[str, tuple[str, int]], epoch_of) -> pd.DataFrame:
+        """Rows per (step, tensor) and per (step, block), as in distances.parquet."""
+        self.flush()
+        cols = ["step", "epoch", "granularity", "name", "block", "depth", "numel", *GRAD_STATS]
+        if not self.steps:
+            return pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
+        numel = np.array([q.numel() for q in self.params], dtype=np.int64)
+        stats = torch.stack(self.stats).numpy()  # (steps, tensors, 5)
+        m, n = stats.shape[:2]
+        df = pd.DataFrame(
+            {
+                "step": np.repeat(self.steps, n),
+                "name": np.tile(self.names, m),
+                "numel": np.tile(numel, m),
+                **{c: stats[:, :, i].ravel() for i, c in enumerate(GRAD_STATS)},
+            }
+        )
+        df["block"] = df["name"].map(lambda k: layout[k][0])
+        df["depth"] = df["name"].map(lambda k: layout[k][1]).astype("int64")
+        df["granularity"] = "tensor"
+        df["sq"] = df["grad_l2"] ** 2
+        blocks = df.groupby(["step", "block"], sort=False).agg(
+            depth=("depth", "first"), numel=("numel", "sum"), sq=("sq", "sum"),
+            grad_max_abs=("grad_max_abs", "max"), zeros=("zeros", "sum"),
+            nans=("nans", "sum"), infs=("infs", "sum"),
+        ).reset_index()  # fmt: skip
+        blocks["grad_l2"] = np.sqrt(blocks["sq"])
+        blocks["name"] = blocks["block"]
+        blocks["granularity"] = "block"
+        df = pd.concat([df, blocks], ignore_index=True).drop(columns="sq")
+        df["epoch"] = df["step"].map(epoch_of).astype("int64")
+        for c in ("zeros", "nans", "infs"):
+            df[c] = df[c].astype("int64")
+        df["grad_rms"] = df["grad_l2"] / np.sqrt(df["numel"])
+        df["zero_frac"] = df["zeros"] / df["numel"]
+        return df[[*cols, "grad_rms", "zero_frac"]].sort_values(
+            ["step", "granularity", "depth"], kind="stable", ignore_index=True
+        )
+
+
 @dataclass
 class Progress:
     """Where training stands: enough, with the model and optimizer, to continue exactly."""
@@ -119,8 +228,9 @@ class Progress:
     diverged_at_step: int | None = None
 
 
-def _write_snapshot(path: Path, key: str, model, optimizer, sched, gen, p: Progress) -> None:
+def _write_snapshot(path: Path, key: str, model, optimizer, sched, gen, p: Progress, grads) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update(grads.state())
     opt = optimizer.state_dict()
     for idx, st in opt["state"].items():
         for name, v in st.items():
@@ -141,7 +251,7 @@ def _write_snapshot(path: Path, key: str, model, optimizer, sched, gen, p: Progr
     os.replace(tmp, path)
 
 
-def _read_snapshot(path: Path, key: str, model, optimizer, sched, gen) -> Progress | None:
+def _read_snapshot(path: Path, key: str, model, optimizer, sched, gen, grads) -> Progress | None:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -161,6 +271,7 @@ def _read_snapshot(path: Path, key: str, model, optimizer, sched, gen) -> Progre
     # load_state_dict moves each state tensor to its parameter's device
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
     sched.load_state_dict(json.loads(meta["sched"]))
+    grads.load(t)
     gen.set_state(t["rng.data"])
     torch.set_rng_state(t["rng.torch"])
     p = Progress(**json.loads(meta["progress"]))
@@ -175,7 +286,10 @@ def _publish(work: Path, run_dir: Path) -> None:
     names = [
         (work / "checkpoints" / p.name, out / p.name) for p in (work / "checkpoints").iterdir()
     ]
-    names += [(work / n, run_dir / n) for n in ("history.parquet", "run.json")]  # run.json last
+    extra = [n for n in ("gradients.parquet", "grad_reached.safetensors") if (work / n).exists()]
+    if not (work / "grad_reached.safetensors").exists():  # none from an earlier training
+        (run_dir / "grad_reached.safetensors").unlink(missing_ok=True)
+    names += [(work / n, run_dir / n) for n in (*extra, "history.parquet", "run.json")]
     for src, dst in names:
         tmp = dst.with_name(dst.name + ".tmp")
         tmp.unlink(missing_ok=True)
@@ -250,9 +364,10 @@ def train_run(
     schedule = SCHEDULES[spec.schedule]
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total))
     gen = torch.Generator().manual_seed(spec.seed)  # data order (and augmentation)
+    grads = GradientRecorder(model, spec.gradients_every_steps, spec.track_grad_reached)
 
     snap = work / SNAPSHOT
-    p = _read_snapshot(snap, key, model, optimizer, lr_sched, gen) if snap.exists() else None
+    p = _read_snapshot(snap, key, model, optimizer, lr_sched, gen, grads) if snap.exists() else None
     resumed = p is not None
     if p is None:
         p = Progress()
@@ -263,7 +378,7 @@ def train_run(
 
     def snapshot() -> None:
         nonlocal last_snapshot
-        _write_snapshot(snap, key, model, optimizer, lr_sched, gen, p)
+        _write_snapshot(snap, key, model, optimizer, lr_sched, gen, p, grads)
         last_snapshot = time.monotonic()
 
     def save(step: int) -> None:
@@ -321,6 +436,8 @@ def train_run(
             loss = F.cross_entropy(out, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if grads.active:
+                grads.after_backward(p.step + 1)
             optimizer.step()
             lr_sched.step()
             p.step, p.batch, seen = p.step + 1, i + 1, seen + y.shape[0]
@@ -360,15 +477,33 @@ def train_run(
         snapshot()
     if p.status == "running":
         p.status = "completed"
+    grad_table = grads.table(model.block_of(), lambda s: s // steps_per_epoch)
+    _write_run_table(grad_table, spec, p.status, work / "gradients.parquet")
+    if grads.reached is not None:
+        checkpoints.write_safetensors(
+            {n: r for n, r in zip(grads.names, grads.reached, strict=True)},
+            work / "grad_reached.safetensors",
+            {"run_id": spec.run_id, "meaning": "entry ever received a non-zero gradient"},
+        )
     return _finish(spec, p, work, run_dir, dev, threads, steps_per_epoch, total, t0)
+
+
+RUN_COLUMNS = ("run_id", "study", "model", "dataset", "init", "optimizer", "seed", "shortcut")
+
+
+def _write_run_table(df: pd.DataFrame, spec: RunSpec, status: str, path: Path) -> None:
+    """Prefix the grid coordinates, suffix the run's status, write atomically."""
+    for i, k in enumerate(RUN_COLUMNS):
+        df.insert(
+            i, k, pd.Series([getattr(spec, k)] * len(df), dtype=object if k != "seed" else "int64")
+        )
+    df["status"] = status
+    tables.write_parquet(df, path, {"run_id": spec.run_id})
 
 
 def _finish(spec, p: Progress, work, run_dir, dev, threads, steps_per_epoch, total, t0):
     hist = pd.DataFrame(p.history)
-    for k in ("run_id", "study", "model", "dataset", "init", "optimizer", "seed", "shortcut"):
-        hist.insert(0 if k == "run_id" else len(hist.columns), k, getattr(spec, k))
-    hist["status"] = p.status
-    tables.write_parquet(hist, work / "history.parquet", {"run_id": spec.run_id})
+    _write_run_table(hist, spec, p.status, work / "history.parquet")
     test_rows = hist[hist.split == "test"]
     best = test_rows.loc[test_rows.accuracy.idxmax()] if test_rows.accuracy.notna().any() else None
     info = {

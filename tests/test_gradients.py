@@ -1,0 +1,73 @@
+"""Gradient recording against plain autograd on a small net."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from paramdyn.models import build_model
+from paramdyn.train import GradientRecorder
+
+
+def _backward(model, seed=0):
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    x = torch.randn(8, 1, 12, 12)
+    y = torch.randint(0, 4, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def test_matches_autograd():
+    model = build_model("lenet5", "synthetic")
+    rec = GradientRecorder(model, every=2, track_reached=True)
+    _backward(model, 0)
+    rec.after_backward(1)  # not a recorded step (every 2), but tracked for 'reached'
+    _backward(model, 1)
+    with torch.no_grad():  # exact zeros and non-finite values must be counted
+        model.fc1.weight.grad[:3] = 0
+        model.conv1.bias.grad[0] = float("nan")
+        model.conv1.bias.grad[1] = float("inf")
+    expected = {n: q.grad.detach().clone() for n, q in model.named_parameters()}
+    rec.after_backward(2)
+    df = rec.table(model.block_of(), lambda s: 0)
+    assert list(df[df.granularity == "tensor"].step.unique()) == [2]
+    for name, g in expected.items():
+        r = df[(df.granularity == "tensor") & (df.name == name)].iloc[0]
+        finite = g[torch.isfinite(g)].double()
+        if torch.isfinite(g).all():
+            assert r.grad_l2 == pytest.approx(g.double().norm().item(), rel=1e-6)
+            assert r.grad_max_abs == pytest.approx(g.abs().max().item(), rel=1e-6)
+            assert r.grad_rms == pytest.approx(r.grad_l2 / math.sqrt(g.numel()))
+        assert r.zeros == int((g == 0).sum()) and r.numel == g.numel()
+        assert r.nans == int(torch.isnan(g).sum()) and r.infs == int(torch.isinf(g).sum())
+        assert len(finite) >= 0
+    conv1 = df[(df.granularity == "tensor") & (df.name == "conv1.bias")].iloc[0]
+    assert (conv1.nans, conv1.infs) == (1, 1) and math.isnan(conv1.grad_l2)
+    assert df[(df.name == "fc1.weight")].iloc[0].zeros >= 3 * 400
+    # block rows pool their tensors: sqrt of summed squares, summed counts
+    fc2 = df[(df.granularity == "block") & (df.name == "fc2")].iloc[0]
+    w, b = expected["fc2.weight"].double(), expected["fc2.bias"].double()
+    assert fc2.grad_l2 == pytest.approx(math.sqrt(w.square().sum() + b.square().sum()), rel=1e-6)
+    assert fc2.numel == w.numel() + b.numel() and fc2.depth == 3
+
+
+def test_reached_tracks_exact_zero_gradients():
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+    model.block_names = lambda: ["0", "2"]
+    with torch.no_grad():
+        model[0].weight[0], model[0].bias[0] = 1.0, 0.1  # unit 0 is alive on positive inputs
+        model[2].weight.fill_(1.0)
+        model[0].weight[1] = -10.0  # unit 1 is dead on positive inputs: no gradient ever
+        model[0].bias[1] = -10.0
+    rec = GradientRecorder(model, every=None, track_reached=True)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model.zero_grad()
+        model(torch.rand(4, 3)).sum().backward()
+        rec.after_backward(seed + 1)
+    reached = dict(zip(rec.names, rec.reached, strict=True))
+    assert reached["0.weight"][0].all() and not reached["0.weight"][1].any()
+    assert not reached["2.weight"][0, 1]  # the dead unit's outgoing weight sees input 0
+    assert np.array_equal(reached["0.bias"].numpy(), [True, False])
