@@ -298,6 +298,10 @@ def test_features_round_trip(tmp_path):
     assert meta2["probe_sha256"] == meta["probe_sha256"]
     with pytest.raises(ValueError, match="2-D"):
         F.save_features(tmp_path / "h.safetensors", torch.randn(3, 4, 5))
+    # byte-reproducible: the same features and metadata give the same file
+    again = F.save_features(tmp_path / "again.safetensors", feats, {"k": 2, "run_id": "r"},
+                            indices=idx)  # fmt: skip
+    assert again.read_bytes() == path.read_bytes()
 
 
 def test_truncated_features_file_refused(tmp_path):
@@ -335,3 +339,33 @@ def test_checkpoint_features_on_a_prepared_dataset(tmp_path):
     assert feats.shape == (40, 84)
     with pytest.raises(ValueError, match="out of range"):
         list(F.probe_batches(data, [0, 128]))
+
+
+def test_similarity_figures(tmp_path):
+    from paramdyn import plots, tables
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(300, 12))
+    feats = {
+        f"lenet5_mnist_kaiming-normal_sgd_s{s}_{p}": base @ orthogonal(12, s)
+        + (1.0 if p == "sign_flip" else 0.2) * rng.normal(size=(300, 12))
+        for s in range(2)
+        for p in ("identity", "sign_flip")
+    }
+    runs = sorted(feats)
+    pairs = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1 :]]
+    df = F.similarity_table(feats, pairs, unbiased=True)
+    path = tmp_path / "similarity.parquet"
+    tables.write_parquet(df, path)
+    for measure in F.MEASURES:
+        out = tmp_path / f"{measure}.png"
+        plots.cka_heatmap(path, out, measure=measure)
+        assert out.stat().st_size > 5000
+    plots.cka_heatmap(df, tmp_path / "none.png", measure="nope")  # an explanatory empty figure
+    assert (tmp_path / "none.png").exists()
+    X = np.hstack([base[:, :6], base[:, :3] + 0.1 * rng.normal(size=(300, 3)), np.zeros((300, 2))])
+    plots.correlation_heatmap(X, tmp_path / "within.png", "lenet5 s0")
+    plots.correlation_heatmap(X, tmp_path / "between.png", "s0 vs s1", Y=X[:, ::-1] + 0.1)
+    assert (tmp_path / "within.png").stat().st_size > 5000
+    assert (tmp_path / "between.png").stat().st_size > 5000
+    assert not list(tmp_path.glob("*.tmp*"))

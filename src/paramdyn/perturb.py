@@ -17,10 +17,10 @@ Registry (:data:`PERTURBATIONS`), name: options (defaults):
 - ``identity``: no options. The control: retraining the unperturbed weights with the same
   recipe measures how far retraining alone moves them.
 - ``sign_flip``: ``include_buffers`` (false). θ -> -θ for every parameter. With
-  ``include_buffers``, every floating-point buffer except variances is negated too: a
-  BatchNorm's ``running_mean`` follows the negated pre-activations (conv without bias,
-  weights negated: its outputs are exactly negated, their mean too, their variance not), so
-  ``running_var`` is never negated (a variance must stay positive; the seed study negated
+  ``include_buffers``, every floating-point buffer except variances (buffers whose name
+  ends in ``var``) is negated too: a BatchNorm's ``running_mean`` follows the negated
+  pre-activations (conv without bias, weights negated: its outputs are exactly negated,
+  their mean too, their variance not), so ``running_var`` is never negated (a variance must stay positive; the seed study negated
   it, a flaw not to copy) and ``num_batches_tracked`` (an integer counter) is untouched.
   With ReLU networks -θ computes a different function: nothing here assumes a symmetry.
 - ``offset``: ``epsilon`` (1e-6, the seed study's "distortion"). θ -> θ + ε for every
@@ -229,7 +229,7 @@ def _reinit(state, keys, options, ctx):
         )
     prefixes = tuple(b + "." for b in options["blocks"])
     for k, t in state.items():
-        if k.startswith(tuple(b for b in options["blocks"])) and (k in keys or options["include_buffers"]):
+        if k.startswith(prefixes) and (k in keys or options["include_buffers"]):
             t.copy_(fresh[k])
     return state
 
