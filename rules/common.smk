@@ -28,13 +28,23 @@ def run_spec(wildcards):
         ) from None
 
 
+def train_inputs(wildcards):
+    """The prepared dataset, and for init from_run the source run (an edge of the DAG)."""
+    spec = run_spec(wildcards)
+    inputs = {"dataset": f"results/datasets/{spec.dataset}.safetensors"}
+    if spec.init_source:
+        study, run_id = spec.init_source.split("/", 1)
+        inputs["source"] = f"results/{study}/runs/{run_id}/run.json"
+    return inputs
+
+
 def run_paths(study, filename):
     return [f"results/{study}/runs/{r}/{filename}" for r in STUDIES[study].runs]
 
 
 def study_targets():
     targets = []
-    for study in STUDIES:
+    for study in (s for s in STUDIES if STUDIES[s].target):
         targets += [
             f"results/{study}/distances.parquet",
             f"results/{study}/history.parquet",

@@ -3,7 +3,7 @@
 
 rule train:
     input:
-        dataset=lambda w: f"results/datasets/{run_spec(w).dataset}.safetensors",
+        unpack(train_inputs),
     output:
         run_json=f"{RUN_DIR}/run.json",
         history=f"{RUN_DIR}/history.parquet",

@@ -20,6 +20,7 @@ class ModelSpec:
     shortcut: str = "none"  # "residual" | "plain" | "none": for grouping in figures
     options: dict[str, Any] = field(default_factory=dict)  # fixed builder arguments
     settings: tuple[str, ...] = ()  # per-model settings a config entry may change
+    pretrained: str | None = None  # torchvision architecture whose ImageNet weights it takes
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,32 @@ def _resnet_specs() -> dict[str, ModelSpec]:
     return specs
 
 
+def _vgg_specs() -> dict[str, ModelSpec]:
+    specs = {}
+    for depth in (11, 13, 16, 19):
+        for bn in (False, True):
+            for form in ("cifar", "imagenet"):
+                name = (
+                    f"vgg{depth}"
+                    + ("-bn" if bn else "")
+                    + ("-imagenet" if form == "imagenet" else "")
+                )
+                what = (
+                    "torchvision's ImageNet form (4096-4096 classifier), head sized for the dataset"
+                    if form == "imagenet"
+                    else "CIFAR form: conv stack, global pool to 512 features, one linear head"
+                )
+                specs[name] = ModelSpec(
+                    name=name,
+                    family="vgg",
+                    shortcut="plain",
+                    description=f"VGG-{depth}{' with BatchNorm' if bn else ''}, {what}",
+                    options={"depth": depth, "batch_norm": bn, "form": form},
+                    pretrained=f"vgg{depth}{'_bn' if bn else ''}" if form == "imagenet" else None,
+                )
+    return specs
+
+
 MODELS: dict[str, ModelSpec] = {
     "lenet5": ModelSpec(
         name="lenet5",
@@ -90,6 +117,64 @@ MODELS: dict[str, ModelSpec] = {
         description="LeNet-5 (conv6-pool-conv16-pool-fc120-fc84-fc), inputs padded to 32x32",
     ),
     **_resnet_specs(),
+    "resnet18-cifar": ModelSpec(
+        name="resnet18-cifar",
+        family="resnet-cifar",
+        shortcut="residual",
+        description="ResNet-18 in CIFAR form: 3x3 stride-1 stem, no max-pool, stages 64-512",
+        options={"block": "basic", "layers": [2, 2, 2, 2], "residual": True},
+        settings=("width",),
+    ),
+    "resnet18-cifar-plain": ModelSpec(
+        name="resnet18-cifar-plain",
+        family="resnet-cifar",
+        shortcut="plain",
+        description="ResNet-18 in CIFAR form without shortcuts",
+        options={"block": "basic", "layers": [2, 2, 2, 2], "residual": False},
+        settings=("width",),
+    ),
+    "resnet18-torchvision": ModelSpec(
+        name="resnet18-torchvision",
+        family="resnet-torchvision",
+        shortcut="residual",
+        description="torchvision's ResNet-18 (ImageNet stem); takes ImageNet weights (pretrained)",
+        options={"arch": "resnet18"},
+        pretrained="resnet18",
+    ),
+    **_vgg_specs(),
+    "cnn5-plain": ModelSpec(
+        name="cnn5-plain",
+        family="convstack",
+        shortcut="plain",
+        description="seed 004's CNN: 5 blocks of 3x3 convs (64 then 32 filters), ReLU, no "
+        "normalisation, flatten, dense head",
+        options={"depth": 5, "residual": False, "width": 32, "inner": 64},
+    ),
+    "cnn5-residual": ModelSpec(
+        name="cnn5-residual",
+        family="convstack",
+        shortcut="residual",
+        description="seed 004's ResNet: 5 blocks [conv64, ReLU, conv32] + x, ReLU; no "
+        "normalisation; flatten, dense head",
+        options={"depth": 5, "residual": True, "width": 32, "inner": 64},
+    ),
+    "deepnet-plain": ModelSpec(
+        name="deepnet-plain",
+        family="convstack",
+        shortcut="plain",
+        description="deep plain conv stack for the gradient study (depth 20 by default), "
+        "global pool head",
+        options={"residual": False, "head": "pool"},
+        settings=("depth", "width", "norm"),
+    ),
+    "deepnet-residual": ModelSpec(
+        name="deepnet-residual",
+        family="convstack",
+        shortcut="residual",
+        description="deep residual conv stack for the gradient study (depth 20 by default)",
+        options={"residual": True, "head": "pool"},
+        settings=("depth", "width", "norm"),
+    ),
 }
 
 # --- datasets ---------------------------------------------------------------------------
@@ -149,6 +234,15 @@ INITS: dict[str, NamedSpec] = {
         NamedSpec("kaiming-normal", "He normal, fan_out, ReLU gain; biases 0; BN weight 1, bias 0"),
         NamedSpec("xavier", "Glorot uniform; biases 0; BN weight 1, bias 0"),
         NamedSpec("orthogonal", "orthogonal, ReLU gain; biases 0; BN weight 1, bias 0"),
+        NamedSpec(
+            "pretrained",
+            "torchvision's ImageNet weights from the local torch hub cache "
+            "(models with a torchvision form); the head sized for the dataset",
+        ),
+        NamedSpec(
+            "from_run",
+            "another run's final checkpoint: {name: from_run, run: [<study>/]<run_id>, label: ...}",
+        ),
     ]
 }
 

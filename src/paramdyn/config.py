@@ -7,6 +7,7 @@ bad config stops before a single job starts. Types and keys are checked by the J
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,9 @@ from typing import Any
 from . import catalog
 
 DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+
+
+MODEL_SETTINGS = ("width", "depth", "norm")  # keys of a model entry that change the model
 
 
 class ConfigError(ValueError):
@@ -33,7 +37,7 @@ class RunSpec:
     model_settings: dict[str, Any]
     shortcut: str
     dataset: str
-    init: str
+    init: str  # label used in the run id
     optimizer: str  # label used in the run id
     optimizer_name: str  # registry name
     optimizer_settings: dict[str, Any]
@@ -46,6 +50,8 @@ class RunSpec:
     augment: bool
     checkpoint_every_epochs: int | None
     checkpoint_every_steps: int | None
+    init_name: str = ""  # registry name ('' = same as init)
+    init_source: str | None = None  # from_run: '<study>/<run_id>' whose final weights start it
     gradients_every_steps: int | None = None
     track_grad_reached: bool = False
     measures: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +92,7 @@ class Study:
     figures: dict[str, Any]
     measures: dict[str, Any]
     keep_step_checkpoints: bool = True
+    target: bool = True  # False: resolved only because another study starts from its runs
 
 
 def _schema_error(err: Any) -> str:
@@ -124,6 +131,15 @@ def _entry(item: str | dict[str, Any]) -> dict[str, Any]:
     return {"name": item} if isinstance(item, str) else dict(item)
 
 
+def _init_label(init: dict[str, Any]) -> str:
+    if "label" in init:
+        return init["label"]
+    if init["name"] == "from_run":
+        digest = hashlib.sha256(init.get("run", "").encode()).hexdigest()[:8]
+        return f"from-{digest}"
+    return init["name"]
+
+
 def _check_name(kind: str, key: str, name: str, registry: dict[str, Any], errors: list[str]):
     if name not in registry:
         errors.append(
@@ -140,7 +156,7 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
     for i, m in enumerate(models):
         if _check_name("model", f"{key}/models/{i}", m["name"], catalog.MODELS, errors):
             spec = catalog.MODELS[m["name"]]
-            for k in ("width",):
+            for k in MODEL_SETTINGS:
                 if k in m and k not in spec.settings:
                     errors.append(
                         f"config key '{key}/models/{i}/{k}': model '{m['name']}' has no setting '{k}'"
@@ -148,8 +164,25 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
                     )
     for i, d in enumerate(s["datasets"]):
         _check_name("dataset", f"{key}/datasets/{i}", d, catalog.DATASETS, errors)
-    for i, it in enumerate(s["inits"]):
-        _check_name("init", f"{key}/inits/{i}", it, catalog.INITS, errors)
+    inits = [_entry(it) for it in s["inits"]]
+    for i, it in enumerate(inits):
+        if not _check_name("init", f"{key}/inits/{i}", it["name"], catalog.INITS, errors):
+            continue
+        if (it["name"] == "from_run") != ("run" in it):
+            errors.append(
+                f"config key '{key}/inits/{i}': "
+                + ("from_run needs 'run': [<study>/]<run_id>" if "run" not in it else
+                   f"'run' is only for from_run, not '{it['name']}'")
+            )  # fmt: skip
+        if it["name"] == "pretrained":
+            for m in models:
+                spec = catalog.MODELS.get(m["name"])
+                if spec is not None and spec.pretrained is None:
+                    able = [n for n, x in catalog.MODELS.items() if x.pretrained]
+                    errors.append(
+                        f"config key '{key}/inits/{i}': model '{m['name']}' has no pretrained "
+                        f"weights; models that do: {', '.join(able)}"
+                    )
     _check_name("schedule", f"{key}/schedule", s["schedule"], catalog.SCHEDULES, errors)
     for i, o in enumerate(optimizers):
         if _check_name("optimizer", f"{key}/optimizers/{i}", o["name"], catalog.OPTIMIZERS, errors):
@@ -172,7 +205,8 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
                 f"config key '{key}/{axis}': {', '.join(dup)} listed more than once; give each "
                 "entry a distinct 'label' (it names the runs)"
             )
-    if len(set(s["datasets"])) != len(s["datasets"]) or len(set(s["inits"])) != len(s["inits"]):
+    init_labels = [_init_label(it) for it in inits]
+    if len(set(s["datasets"])) != len(s["datasets"]) or len(set(init_labels)) != len(inits):
         errors.append(f"config key '{key}': a dataset or init is listed twice; list each once")
     ckpt = s.get("checkpoint") or {}
     every_epochs, every_steps = ckpt.get("every_epochs"), ckpt.get("every_steps")
@@ -185,9 +219,13 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
         return Study(name, {}, (), {}, {})
 
     runs: dict[str, RunSpec] = {}
-    for m, d, it, o, seed in itertools.product(
-        models, s["datasets"], s["inits"], optimizers, s["seeds"]
+    for m, d, init, o, seed in itertools.product(
+        models, s["datasets"], inits, optimizers, s["seeds"]
     ):
+        it = _init_label(init)
+        source = init.get("run")
+        if source is not None and "/" not in source:
+            source = f"{name}/{source}"
         opt_name = o["name"]
         opt = dict(catalog.OPTIMIZERS[opt_name].defaults)
         for k in ("lr", "weight_decay"):
@@ -226,10 +264,12 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
             run_id=run_id,
             model=model_label,
             model_name=m["name"],
-            model_settings={k: m[k] for k in ("width",) if k in m},
+            model_settings={k: m[k] for k in MODEL_SETTINGS if k in m},
             shortcut=catalog.MODELS[m["name"]].shortcut,
             dataset=d,
             init=it,
+            init_name=init["name"],
+            init_source=source,
             optimizer=opt_label,
             optimizer_name=opt_name,
             optimizer_settings=opt,
@@ -279,6 +319,7 @@ def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) ->
         for name in selected
         if name in config["studies"]
     }
+    _check_sources(config, studies, errors)
     if not config["download"]:
         used = sorted({d for s in studies.values() for d in s.datasets})
         for d in used:
@@ -297,6 +338,35 @@ def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) ->
             )
         )
     return studies
+
+
+def _check_sources(config: dict[str, Any], studies: dict[str, Study], errors: list[str]) -> None:
+    """Each from_run init names a run that exists, with the same model; a study that is not
+    selected but holds such a run is resolved too (not a target: its runs train as needed)."""
+    for study in list(studies.values()):
+        for run in study.runs.values():
+            if run.init_source is None:
+                continue
+            src_study, _, src_run = run.init_source.partition("/")
+            if src_study not in studies and src_study in config["studies"]:
+                extra = _resolve_study(src_study, config["studies"][src_study], errors)
+                studies[src_study] = Study(**{**extra.__dict__, "target": False})
+            source = studies.get(src_study, Study("", {}, (), {}, {})).runs.get(src_run)
+            if source is None:
+                errors.append(
+                    f"config key 'studies/{study.name}/inits': from_run names no run "
+                    f"'{run.init_source}' (give [<study>/]<run_id> of a run in this config)"
+                )
+            elif (source.model_name, source.model_settings) != (run.model_name, run.model_settings):
+                errors.append(
+                    f"config key 'studies/{study.name}/inits': run {run.run_id} (model "
+                    f"{run.model}) cannot start from {run.init_source} (model {source.model}); "
+                    "from_run needs the same model"
+                )
+            elif run.init_source == f"{study.name}/{run.run_id}":
+                errors.append(
+                    f"config key 'studies/{study.name}/inits': {run.run_id} starts from itself"
+                )
 
 
 def missing_files(dataset: str, data_dir: Path | str) -> list[str]:

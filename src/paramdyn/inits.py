@@ -1,10 +1,15 @@
 """Initialisations, keyed by the names in ``catalog.INITS``. Each one is deterministic given
-the seed: :func:`initialise` seeds torch's generator before touching any weight."""
+the seed: :func:`initialise` seeds torch's generator before touching any weight.
+
+``pretrained`` reads torchvision's ImageNet weights from the local torch hub cache only
+(with ``torch.load(weights_only=True)``: no code runs from the file) and never downloads;
+``from_run`` starts from another run's final checkpoint, an explicit edge of the DAG."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,9 +51,88 @@ INITIALIZERS: dict[str, Callable[[nn.Module], None]] = {
 }
 
 
-def initialise(model: nn.Module, name: str, seed: int) -> nn.Module:
-    """Initialise ``model`` in place with init ``name`` from a generator seeded by ``seed``."""
+class InitError(RuntimeError):
+    pass
+
+
+def pretrained_file(arch: str) -> Path:
+    """Where torchvision keeps the ImageNet weights of ``arch`` (the torch hub cache)."""
+    import torchvision
+
+    url = torchvision.models.get_model_weights(arch)["IMAGENET1K_V1"].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+
+
+def _copy_by_position(model: nn.Module, source: dict[str, torch.Tensor], what: str) -> None:
+    """Copy ``source`` (same architecture, possibly other key names) into ``model`` entry by
+    entry. A first conv with other input channels gets the source summed over channels (a
+    grey image repeated to RGB); a head of another size keeps its fresh initialisation."""
+    ours = model.state_dict()
+    if len(ours) != len(source):
+        raise InitError(f"{what}: {len(source)} tensors, the model has {len(ours)}")
+    new = {}
+    for i, ((k, t), (sk, s)) in enumerate(zip(ours.items(), source.items(), strict=True)):
+        if t.shape == s.shape:
+            new[k] = s.to(t.dtype)
+        elif i == 0 and t.dim() == 4 and t.shape[1] != s.shape[1] and t.shape[0] == s.shape[0]:
+            new[k] = s.sum(dim=1, keepdim=True).repeat(1, t.shape[1], 1, 1) / t.shape[1]
+        elif i >= len(ours) - 2:  # the classifier's weight and bias: sized for the dataset
+            new[k] = t
+        else:
+            raise InitError(f"{what}: {sk} has shape {tuple(s.shape)}, {k} {tuple(t.shape)}")
+    model.load_state_dict(new)
+
+
+def load_pretrained(model: nn.Module, arch: str) -> None:
+    path = pretrained_file(arch)
+    if not path.is_file():
+        raise InitError(
+            f"init 'pretrained': the ImageNet weights of {arch} are not in the torch hub cache "
+            f"({path}); nothing is downloaded on a compute node. Fetch them once on a machine "
+            f'with internet: .venv/bin/python -c "import torchvision; '
+            f"torchvision.models.{arch}(weights='IMAGENET1K_V1')\" and copy the file there "
+            "(or point TORCH_HOME at a folder that has hub/checkpoints/ with it)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InitError(
+            f"{path}: unreadable pretrained weights ({e}); delete and fetch again"
+        ) from e
+    _copy_by_position(model, state, str(path))
+
+
+def load_from_run(model: nn.Module, checkpoint: Path | str) -> None:
+    """Start from another run's final checkpoint (fine-tuning, transfer): a head of another
+    size keeps its fresh initialisation."""
+    from .checkpoints import read_checkpoint
+
+    tensors = read_checkpoint(checkpoint).tensors
+    missing = [k for k in model.state_dict() if k not in tensors]
+    if missing:
+        raise InitError(f"{checkpoint}: not a checkpoint of this model (no {missing[0]})")
+    _copy_by_position(model, {k: tensors[k] for k in model.state_dict()}, str(checkpoint))
+
+
+def initialise(
+    model: nn.Module,
+    name: str,
+    seed: int,
+    *,
+    pretrained: str | None = None,
+    source: Path | str | None = None,
+) -> nn.Module:
+    """Initialise ``model`` in place with init ``name`` from a generator seeded by ``seed``.
+    ``pretrained``: the torchvision architecture for init 'pretrained'; ``source``: the
+    checkpoint for init 'from_run'. Both start from PyTorch's default (seeded) for the head."""
     torch.manual_seed(seed)
     with torch.no_grad():
-        INITIALIZERS[name](model)
+        if name == "pretrained":
+            _default(model)
+            load_pretrained(model, pretrained)
+        elif name == "from_run":
+            _default(model)
+            load_from_run(model, source)
+        else:
+            INITIALIZERS[name](model)
     return model

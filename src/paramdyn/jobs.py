@@ -56,6 +56,10 @@ def train(smk) -> None:
 
     with _logged(smk):
         spec = RunSpec.from_dict(json.loads(smk.params.hparams))
+        source = None
+        if spec.init_source:  # from_run: the source run's final checkpoint
+            src = Path(smk.input.source)
+            source = src.parent / "checkpoints" / json.loads(src.read_text())["checkpoints"][-1]
         # execution settings come from the config, not params: moving a study from CPU to
         # GPU must not count as a change of its hyper-parameters
         train_run(
@@ -68,6 +72,7 @@ def train(smk) -> None:
             threads=smk.threads,
             snapshot_seconds=smk.config.get("snapshot_seconds", 300),
             deterministic=smk.config.get("deterministic", False),
+            init_checkpoint=source,
         )
 
 

@@ -178,6 +178,153 @@ class ResNet(Classifier):
         return self.fc(self.features(x))
 
 
+class CifarResNet(ResNet):
+    """ResNet in CIFAR form: a 3x3 stride-1 stem (conv, BN, ReLU), no max-pool."""
+
+    def __init__(self, block, layers, residual, in_channels, num_classes, width=None):
+        super().__init__(block, layers, residual, False, in_channels, num_classes, width)
+        width = width or 64
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
+
+
+class TorchvisionResNet(Classifier):
+    """torchvision's ResNet itself (its module names inside the stages), regrouped into
+    stem / layer blocks / fc, in torchvision's parameter order: ImageNet weights load by
+    position (``pretrained``)."""
+
+    def __init__(self, arch: str, in_channels: int, num_classes: int):
+        super().__init__()
+        import torchvision
+
+        tv = getattr(torchvision.models, arch)(weights=None)
+        if in_channels != 3:
+            tv.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.stem = nn.Sequential(tv.conv1, tv.bn1, tv.relu, tv.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            tv.layer1,
+            tv.layer2,
+            tv.layer3,
+            tv.layer4,
+        )
+        self.fc = nn.Linear(tv.fc.in_features, num_classes)
+        self.num_features = tv.fc.in_features
+        self._blocks = [
+            f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(tv, f"layer{i}")))
+        ]
+
+    block_names = ResNet.block_names
+    features = ResNet.features
+    forward = ResNet.forward
+
+
+_VGG_CFG = {
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+         512, 512, 512, 512, "M"],
+}  # fmt: skip
+
+
+class VGG(Classifier):
+    """VGG, each conv (with its BatchNorm and ReLU) one unit ``features_stack.<i>``.
+    ``cifar`` form: the conv stack, a global average pool to 512 features, one linear head
+    (the penultimate layer is the 512-wide feature stack, never the logits). ``imagenet``
+    form: torchvision's architecture (7x7 adaptive pool, 4096-4096 classifier with
+    dropout; same parameters in the same order, so ImageNet weights load by position), its
+    last layer sized for the dataset; inputs smaller than 32x32 are zero-padded to 32.
+    Blocks: each conv unit, then each linear layer."""
+
+    def __init__(self, depth, batch_norm, form, in_channels, num_classes, image_size):
+        super().__init__()
+        self.form = form
+        self.pad = max(0, 32 - image_size) if form == "imagenet" else 0
+        units: list[nn.Module] = []
+        c = in_channels
+        for v in _VGG_CFG[depth]:
+            if v == "M":
+                units.append(nn.MaxPool2d(2, 2, ceil_mode=form == "cifar"))
+                continue
+            unit = [nn.Conv2d(c, v, 3, padding=1)]
+            if batch_norm:
+                unit.append(nn.BatchNorm2d(v))
+            units.append(nn.Sequential(*unit, nn.ReLU(inplace=True)))
+            c = v
+        self.features_stack = nn.Sequential(*units)
+        if form == "imagenet":
+            self.classifier = nn.Sequential(
+                nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(),
+                nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
+                nn.Linear(4096, num_classes),
+            )  # fmt: skip
+            self.num_features = 4096
+        else:
+            self.classifier = nn.Sequential(nn.Linear(512, num_classes))
+            self.num_features = 512
+        convs = [i for i, m in enumerate(units) if isinstance(m, nn.Sequential)]
+        linears = [i for i, m in enumerate(self.classifier) if isinstance(m, nn.Linear)]
+        self._blocks = [f"features_stack.{i}" for i in convs] + [f"classifier.{i}" for i in linears]
+
+    def block_names(self) -> list[str]:
+        return self._blocks
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad:
+            x = F.pad(x, (self.pad // 2, self.pad - self.pad // 2) * 2)
+        x = self.features_stack(x)
+        if self.form == "imagenet":
+            return self.classifier[:-1](torch.flatten(F.adaptive_avg_pool2d(x, 7), 1))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier[-1](self.features(x))
+
+
+class ConvStack(Classifier):
+    """A stem conv, then ``depth`` blocks of 3x3 'same' convs with ReLU, residual (x +
+    f(x)) or plain; no normalisation unless ``norm``. ``widths`` alternate per block;
+    a residual block is [conv widths[i], ReLU, conv ``width``] + x, then ReLU (seed 004);
+    the head is ``flatten`` + linear (seed 004) or global average pool + linear."""
+
+    def __init__(self, residual, in_channels, num_classes, image_size, depth=20, width=16,
+                 inner=None, norm=False, head="flatten"):  # fmt: skip
+        super().__init__()
+        inner = inner or width
+        self.residual, self.head_kind = residual, head
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        blocks = []
+        for _ in range(depth):
+            mods = [nn.Conv2d(width, inner, 3, padding=1)]
+            if norm:
+                mods.append(nn.BatchNorm2d(inner))
+            mods += [nn.ReLU(), nn.Conv2d(inner, width, 3, padding=1)]
+            if norm:
+                mods.append(nn.BatchNorm2d(width))
+            blocks.append(nn.Sequential(*mods))
+        self.blocks = nn.ModuleList(blocks)
+        feats = width * image_size * image_size if head == "flatten" else width
+        self.fc = nn.Linear(feats, num_classes)
+        self.num_features = feats
+
+    def block_names(self) -> list[str]:
+        return ["stem", *[f"blocks.{i}" for i in range(len(self.blocks))], "fc"]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        for b in self.blocks:
+            x = F.relu(x + b(x)) if self.residual else F.relu(b(x))
+        if self.head_kind == "flatten":
+            return x.flatten(1)
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
 # --- registry ----------------------------------------------------------------------------------
 
 Builder = Callable[..., Classifier]
@@ -187,6 +334,18 @@ BUILDERS: dict[str, Builder] = {
     "resnet": lambda channels, size, classes, **kw: ResNet(
         in_channels=channels, num_classes=classes, **kw
     ),
+    "resnet-cifar": lambda channels, size, classes, **kw: CifarResNet(
+        in_channels=channels, num_classes=classes, **kw
+    ),
+    "resnet-torchvision": lambda channels, size, classes, **kw: TorchvisionResNet(
+        in_channels=channels, num_classes=classes, **kw
+    ),
+    "vgg": lambda channels, size, classes, **kw: VGG(
+        in_channels=channels, num_classes=classes, image_size=size, **kw
+    ),
+    "convstack": lambda channels, size, classes, **kw: ConvStack(
+        in_channels=channels, num_classes=classes, image_size=size, **kw
+    ),
 }
 
 
@@ -195,5 +354,5 @@ def build_model(name: str, dataset: str, settings: dict[str, Any] | None = None)
     spec = catalog.MODELS[name]
     ds = catalog.DATASETS[dataset]
     return BUILDERS[spec.family](
-        ds.channels, ds.size, ds.classes, **spec.options, **(settings or {})
+        ds.channels, ds.size, ds.classes, **{**spec.options, **(settings or {})}
     )

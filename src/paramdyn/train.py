@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__, checkpoints, tables
+from . import __version__, catalog, checkpoints, tables
 from .config import RunSpec
 from .data import DeviceData
 from .inits import initialise
@@ -324,13 +324,15 @@ def train_run(
     threads: int = 1,
     snapshot_seconds: float = 300.0,
     deterministic: bool = False,
+    init_checkpoint: Path | str | None = None,
 ) -> dict[str, Any]:
     """Train one run (or continue it, or republish it). Writes ``checkpoints/``,
     ``history.parquet`` and ``run.json`` (last) in ``run_dir``; returns run.json's content.
 
     ``work_dir`` (default: ``<run_dir>.work``) holds the run while it trains; ``code``
     identifies the training code (a snapshot or finished run made by other code or other
-    hyper-parameters is discarded)."""
+    hyper-parameters is discarded). ``init_checkpoint``: the checkpoint that init
+    'from_run' starts from."""
     run_dir = Path(run_dir)
     work = Path(work_dir) if work_dir is not None else run_dir.with_name(run_dir.name + ".work")
     key = run_key(spec, code)
@@ -352,7 +354,13 @@ def train_run(
 
     data = DeviceData.load(dataset_path, dev, normalize=spec.normalize, augment=spec.augment)
     model = build_model(spec.model_name, spec.dataset, spec.model_settings)
-    initialise(model, spec.init, spec.seed)
+    initialise(
+        model,
+        spec.init_name or spec.init,
+        spec.seed,
+        pretrained=catalog.MODELS[spec.model_name].pretrained,
+        source=init_checkpoint,
+    )
     model.to(dev)
     blocks = model.block_names()
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The workflow on a real SLURM: start a one-node SLURM cluster on this machine (munged,
-# slurmctld, slurmd, all under a temporary folder, on free ports), build the tiny study of
+# slurmctld, slurmd; state, logs and munge socket under a temporary folder, free ports; its
+# slurm.conf at /etc/slurm/slurm.conf, where the job steps' srun finds it: the SLURM plugin
+# removes SLURM_CONF from their environment), build the tiny study of
 # tests/cluster/tiny.yaml through `--profile profiles/slurm` (made fit for a small node
 # without GPUs by tests/cluster/make_profile.py, which prints what it changes: no GPU, small
 # memory, squeue for the status), build it again locally, and compare the outputs
 # (tests/cluster/compare_outputs.py). Tears everything down on exit; exits non-zero on any
-# failure.
+# failure. It refuses to run where a SLURM config exists already (a real cluster's).
 #
 # Needs root (it installs slurmctld, slurmd, slurm-client and munge with apt-get when they
 # are missing) and .venv (`make setup`). Takes 2 to 4 minutes on 2 cores.
@@ -48,11 +50,15 @@ WORK=$(mktemp -d /tmp/paramdyn-slurm.XXXXXX)
 mkdir -p "$WORK"/{munge,state,spool,log,profile}
 chmod 700 "$WORK/munge"
 PIDS=()
+CONF=/etc/slurm/slurm.conf
+MARK="# paramdyn test cluster (tests/cluster/run_slurm.sh)"
+WROTE_CONF=0
+CLUSTER_UP=0
 
 cleanup() {
   local rc=$?
   set +e
-  if [[ -n ${SLURM_CONF:-} && -S $WORK/munge/munge.socket ]]; then
+  if ((CLUSTER_UP)); then
     squeue -h -o %A 2>/dev/null | xargs -r scancel --quiet 2>/dev/null
     for _ in $(seq 30); do
       [[ -z $(squeue -h -t pending,running,completing 2>/dev/null) ]] && break
@@ -70,6 +76,7 @@ cleanup() {
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
     kill "${PIDS[i]}" 2>/dev/null && wait "${PIDS[i]}" 2>/dev/null
   done
+  ((WROTE_CONF)) && rm -f "$CONF"
   if [[ ${KEEP:-0} == 1 ]]; then
     log "kept $WORK"
   else
@@ -92,11 +99,15 @@ for s in socks:
     s.bind(("", 0))
 print(*(s.getsockname()[1] for s in socks))'
 )
-sed -e "s|@WORK@|$WORK|g" -e "s|@HOST@|$HOST|g" -e "s|@NODE_LINE@|$NODE_LINE|" \
+if [[ -e $CONF ]] && ! grep -qxF "$MARK" "$CONF"; then
+  die "$CONF exists: this machine has a SLURM of its own, which this test would replace"
+fi
+mkdir -p "$(dirname "$CONF")"
+WROTE_CONF=1
+sed -e "s|@MARK@|$MARK|" -e "s|@WORK@|$WORK|g" -e "s|@HOST@|$HOST|g" -e "s|@NODE_LINE@|$NODE_LINE|" \
   -e "s|@CTLD_PORT@|$CTLD_PORT|" -e "s|@SLURMD_PORT@|$SLURMD_PORT|" \
-  "$REPO/tests/cluster/slurm.conf.in" >"$WORK/slurm.conf"
-export SLURM_CONF=$WORK/slurm.conf
-log "SLURM config $SLURM_CONF: $NODE_LINE, ports $CTLD_PORT $SLURMD_PORT"
+  "$REPO/tests/cluster/slurm.conf.in" >"$CONF"
+log "SLURM config $CONF: $NODE_LINE, ports $CTLD_PORT $SLURMD_PORT"
 
 head -c 1024 /dev/urandom >"$WORK/munge/munge.key"
 chmod 400 "$WORK/munge/munge.key"
@@ -112,6 +123,7 @@ done
 munge -S "$WORK/munge/munge.socket" -n | unmunge -S "$WORK/munge/munge.socket" >/dev/null ||
   die "munged does not answer"
 
+CLUSTER_UP=1
 slurmctld -D -c -i >"$WORK/log/slurmctld.out" 2>&1 &
 PIDS+=($!)
 slurmd -D >"$WORK/log/slurmd.out" 2>&1 &
@@ -145,13 +157,13 @@ log "SLURM run done in $((SECONDS - t0)) s"
 # every job but the download went through sbatch: 2 train jobs, one group of distances
 submitted=$(grep -o 'submitted with SLURM jobid [0-9]* (log: [^)]*)' \
   "$WORK/log/snakemake-slurm.log" || true)
-count() { grep -c "/$1/" <<<"$submitted" || true; }
-log "SLURM jobs: $(wc -l <<<"$submitted") (train $(count rule_train)," \
-  "distances groups $(count group_distances), prepare groups $(count group_prepare))"
-[[ $(count rule_train) -eq $N_RUNS ]] || die "expected $N_RUNS train jobs in SLURM"
-[[ $(count group_distances) -eq 1 ]] || die "expected the distances in one group job"
-[[ $(count rule_distances) -eq 0 ]] || die "distances jobs were submitted one by one"
-[[ $(count rule_aggregate) -eq 2 ]] || die "expected 2 aggregate jobs in SLURM"
+count() { grep -c "/slurm_logs/$1" <<<"$submitted" || true; }
+log "SLURM jobs: $(wc -l <<<"$submitted") (train $(count rule_train/)," \
+  "distances groups $(count group_distances_), prepare groups $(count group_prepare_))"
+[[ $(count rule_train/) -eq $N_RUNS ]] || die "expected $N_RUNS train jobs in SLURM"
+[[ $(count group_distances_) -eq 1 ]] || die "expected the distances in one group job"
+[[ $(count rule_distances/) -eq 0 ]] || die "distances jobs were submitted one by one"
+[[ $(count rule_aggregate/) -eq 2 ]] || die "expected 2 aggregate jobs in SLURM"
 grep -q "Nothing to be done" < <(
   "$SNAKEMAKE" --profile "$WORK/profile" "${common[@]}" --directory "$WORK/slurm" -n 2>&1
 ) || die "a second SLURM invocation still has work to do"
