@@ -104,7 +104,7 @@ BAD = [
      ["studies/s/optimizers/1/lr", "less than or equal to the minimum of 0"]),
     ("studies/s/models/0", {"name": "lenet5", "width": 8},
      ["models/0/width", "model 'lenet5' has no setting 'width'"]),
-    ("studies/s/models/0", {"name": "lenet5", "depth": 8}, ["'depth' was unexpected", "width"]),
+    ("studies/s/models/0", {"name": "lenet5", "layers": 8}, ["'layers' was unexpected", "width"]),
     ("studies/s/models/0", "resnet18-basic-plain-even",
      ["studies/s/models", "listed more than once", "label"]),
     ("studies/s/measures", {"atol": -1}, ["studies/s/measures/atol", "minimum"]),
@@ -164,3 +164,8 @@ def test_offline_with_a_missing_preplaced_dataset(tmp_path):
         (tmp_path / "cifar-10-batches-py").mkdir(exist_ok=True)
         (tmp_path / "cifar-10-batches-py" / rel).write_bytes(b"x")
     assert len(_load(cfg)["s"].runs) == 16  # all there now: valid
+
+
+def test_model_setting_the_model_lacks():
+    with pytest.raises(ConfigError, match="model 'lenet5' has no setting 'depth'"):
+        _load(_with("studies/s/models/0", {"name": "lenet5", "depth": 8}))
