@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# The whole workflow on the embedded dataset (study `demo` of config.yaml).
+# The whole workflow on the embedded data: study `demo` and the four studies' demo variants.
+DEMO_STUDIES := [demo,depth,dynamics,gradients,cnn_vs_resnet]
 demo: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete
-	@echo "demo done: tables in results/demo/*.parquet, figures in results/demo/figures/"
+	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete --config 'run=$(DEMO_STUDIES)' variant=demo
+	$(BIN)/snakemake --config 'run=$(DEMO_STUDIES)' variant=demo --report results/report.html
+	@echo "demo done: tables in results/<study>/*.parquet, figures in results/<study>/figures/, report in results/report.html"
 
 # Checkpoint storage each study of config.yaml will need, before anything runs.
 disk: $(STAMP)

@@ -24,6 +24,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/measures.smk"
+include: "rules/features.smk"
 include: "rules/plots.smk"
 
 

@@ -38,8 +38,31 @@ def train_inputs(wildcards):
     return inputs
 
 
-def run_paths(study, filename):
-    return [f"results/{study}/runs/{r}/{filename}" for r in STUDIES[study].runs]
+def run_paths(study, filename, runs=None):
+    return [
+        f"results/{study}/runs/{r}/{filename}" for r in (runs or STUDIES[study].runs)
+    ]
+
+
+def run_tables(wildcards):
+    """The per-run tables a study table is made of (perturbations: the branches only)."""
+    if wildcards.table == "perturbations":
+        branches = [
+            r for r, s in STUDIES[wildcards.study].runs.items() if s.perturbation
+        ]
+        return run_paths(wildcards.study, "perturbation.parquet", branches)
+    return run_paths(wildcards.study, f"{wildcards.table}.parquet")
+
+
+def similarity_inputs(wildcards):
+    runs = {r for a, b, _ in STUDIES[wildcards.study].similarity_pairs for r in (a, b)}
+    runs = sorted(runs) or list(STUDIES[wildcards.study].runs)
+    return run_paths(wildcards.study, "features.safetensors", runs)
+
+
+def source_run_json(wildcards):
+    study, run_id = run_spec(wildcards).init_source.split("/", 1)
+    return f"results/{study}/runs/{run_id}/run.json"
 
 
 def study_targets():
@@ -53,7 +76,15 @@ def study_targets():
             f"results/{study}/figures/distance_vs_depth_previous.png",
             f"results/{study}/figures/accuracy.png",
             f"results/{study}/figures/loss.png",
+            f"results/{study}/similarity.parquet",
+            f"results/{study}/figures/cka.png",
+            f"results/{study}/figures/feature_correlation.png",
         ]
+        if any(s.perturbation for s in STUDIES[study].runs.values()):
+            targets += [
+                f"results/{study}/perturbations.parquet",
+                f"results/{study}/figures/perturbations.png",
+            ]
     return targets
 
 

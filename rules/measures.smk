@@ -23,7 +23,7 @@ rule distances:
 
 rule aggregate:
     input:
-        lambda w: run_paths(w.study, f"{w.table}.parquet"),
+        run_tables,
     output:
         "results/{study}/{table}.parquet",
     log:
@@ -31,7 +31,7 @@ rule aggregate:
     benchmark:
         "results/{study}/benchmarks/aggregate/{table}.tsv"
     wildcard_constraints:
-        table="distances|history|gradients",
+        table="distances|history|gradients|perturbations",
     conda:
         ENV
     params:

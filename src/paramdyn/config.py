@@ -46,12 +46,14 @@ class RunSpec:
     batch_size: int
     eval_batch_size: int
     schedule: str
-    normalize: bool
+    normalize: bool | dict[str, list[float]]  # train-split stats, none, or {mean, std}
     augment: bool
     checkpoint_every_epochs: int | None
     checkpoint_every_steps: int | None
     init_name: str = ""  # registry name ('' = same as init)
-    init_source: str | None = None  # from_run: '<study>/<run_id>' whose final weights start it
+    init_source: str | None = None  # '<study>/<run_id>' whose final weights start it
+    perturbation: str = ""  # label of the perturbation of a branch ('' = not a branch)
+    perturbation_options: dict[str, Any] | None = None  # name and options of that perturbation
     gradients_every_steps: int | None = None
     track_grad_reached: bool = False
     measures: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +94,8 @@ class Study:
     figures: dict[str, Any]
     measures: dict[str, Any]
     keep_step_checkpoints: bool = True
+    features: dict[str, Any] = field(default_factory=dict)
+    similarity_pairs: tuple[tuple[str, str, str], ...] = ()  # (run_a, run_b, kind)
     target: bool = True  # False: resolved only because another study starts from its runs
 
 
@@ -177,6 +181,8 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
         if it["name"] == "pretrained":
             for m in models:
                 spec = catalog.MODELS.get(m["name"])
+                if "pretrained" not in m.get("inits", ["pretrained"]):
+                    continue
                 if spec is not None and spec.pretrained is None:
                     able = [n for n, x in catalog.MODELS.items() if x.pretrained]
                     errors.append(
@@ -208,6 +214,27 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
     init_labels = [_init_label(it) for it in inits]
     if len(set(s["datasets"])) != len(s["datasets"]) or len(set(init_labels)) != len(inits):
         errors.append(f"config key '{key}': a dataset or init is listed twice; list each once")
+    for i, m in enumerate(models):
+        for it in m.get("inits", []):
+            if it not in {x["name"] for x in inits}:
+                errors.append(
+                    f"config key '{key}/models/{i}/inits': '{it}' is not among the study's "
+                    f"inits ({', '.join(x['name'] for x in inits)})"
+                )
+    if isinstance(s["normalize"], dict):
+        for d in s["datasets"]:
+            if d not in s["normalize"]:
+                errors.append(
+                    f"config key '{key}/normalize': no mean/std for dataset '{d}' (give one per "
+                    "dataset, or true for the training split's statistics)"
+                )
+            elif d in catalog.DATASETS and any(
+                len(s["normalize"][d][k]) != catalog.DATASETS[d].channels for k in ("mean", "std")
+            ):
+                errors.append(
+                    f"config key '{key}/normalize/{d}': give {catalog.DATASETS[d].channels} "
+                    "value(s) for mean and for std, one per channel"
+                )
     ckpt = s.get("checkpoint") or {}
     every_epochs, every_steps = ckpt.get("every_epochs"), ckpt.get("every_steps")
     if every_epochs is None and every_steps is None:
@@ -222,6 +249,8 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
     for m, d, init, o, seed in itertools.product(
         models, s["datasets"], inits, optimizers, s["seeds"]
     ):
+        if "inits" in m and init["name"] not in m["inits"]:
+            continue  # this model takes only some of the study's inits
         it = _init_label(init)
         source = init.get("run")
         if source is not None and "/" not in source:
@@ -278,7 +307,7 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
             batch_size=batch_size,
             eval_batch_size=s["eval_batch_size"],
             schedule=s["schedule"],
-            normalize=s["normalize"],
+            normalize=(s["normalize"][d] if isinstance(s["normalize"], dict) else s["normalize"]),
             augment=s["augment"],
             checkpoint_every_epochs=every_epochs,
             checkpoint_every_steps=every_steps,
@@ -286,6 +315,7 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
             track_grad_reached=s["gradients"]["track_reached"],
             measures=dict(s["measures"]),
         )
+    runs.update(_branches(key, runs, s, errors))
     return Study(
         name,
         runs,
@@ -293,7 +323,60 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
         dict(s["figures"]),
         dict(s["measures"]),
         keep_step_checkpoints=ckpt.get("keep_steps", True),
+        features=dict(s["features"]),
+        similarity_pairs=_pairs(runs, s["similarity"]["pairs"]),
     )
+
+
+def _branches(key: str, runs: dict[str, RunSpec], s: dict[str, Any], errors: list[str]):
+    """A perturb-and-retrain branch of every run for every perturbation of the study."""
+    from .perturb import validate_perturbation
+
+    out: dict[str, RunSpec] = {}
+    labels = []
+    for i, entry in enumerate(s["perturbations"]):
+        options = {k: v for k, v in entry.items() if k not in ("name", "label")}
+        try:
+            validate_perturbation(entry["name"], options)
+        except ValueError as e:
+            errors.append(f"config key '{key}/perturbations/{i}': {e}")
+            continue
+        label = entry.get("label", entry["name"].replace("_", "-"))
+        labels.append(label)
+        for run in runs.values():
+            branch = f"{run.run_id}_{label}"
+            out[branch] = RunSpec(**{
+                **run.to_dict(),
+                "run_id": branch,
+                "seed": run.seed + s["perturb_seed_offset"],
+                "init_name": "perturbed",
+                "init_source": f"{run.study}/{run.run_id}",
+                "perturbation": label,
+                "perturbation_options": {"name": entry["name"], **options},
+            })  # fmt: skip
+    if len(set(labels)) != len(labels):
+        errors.append(f"config key '{key}/perturbations': give each entry a distinct 'label'")
+    return out
+
+
+def _pairs(runs: dict[str, RunSpec], kinds: list[str]) -> tuple[tuple[str, str, str], ...]:
+    """Pairs of runs to compare: same model and dataset, differing in exactly one of seed,
+    init, optimizer (when that kind is asked for); and each branch with its original."""
+    axes = {"seeds": "seed", "inits": "init", "optimizers": "optimizer"}
+    base = [r for r in runs.values() if not r.perturbation]
+    pairs = []
+    for i, a in enumerate(base):
+        for b in base[i + 1 :]:
+            if (a.model, a.dataset) != (b.model, b.dataset):
+                continue
+            diff = [k for k, f in axes.items() if getattr(a, f) != getattr(b, f)]
+            if len(diff) == 1 and diff[0] in kinds:
+                pairs.append((a.run_id, b.run_id, diff[0]))
+    if "perturbations" in kinds:
+        for r in runs.values():
+            if r.perturbation:
+                pairs.append((r.init_source.split("/", 1)[1], r.run_id, "perturbations"))
+    return tuple(pairs)
 
 
 def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) -> dict[str, Study]:
@@ -314,12 +397,12 @@ def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) ->
                 f"config key 'run': no study named '{name}'. Studies in this config: "
                 f"{', '.join(config['studies'])}"
             )
-    studies = {
-        name: _resolve_study(name, config["studies"][name], errors)
-        for name in selected
-        if name in config["studies"]
-    }
-    _check_sources(config, studies, errors)
+    studies = {}
+    for name in selected:
+        if name in config["studies"]:
+            name, study = _variant(config, name, schema)
+            studies[name] = _resolve_study(name, study, errors)
+    _check_sources(config, studies, errors, schema)
     if not config["download"]:
         used = sorted({d for s in studies.values() for d in s.datasets})
         for d in used:
@@ -340,17 +423,47 @@ def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) ->
     return studies
 
 
-def _check_sources(config: dict[str, Any], studies: dict[str, Study], errors: list[str]) -> None:
+def _variant(config: dict[str, Any], name: str, schema) -> tuple[str, dict[str, Any]]:
+    """The study ``name`` under the config's ``variant`` (when it defines that variant):
+    its keys overridden by the variant's, validated again, named ``<name>-<variant>``."""
+    import copy
+
+    study = config["studies"][name]
+    variant = config.get("variant", "default")
+    if variant == "default" or variant not in study.get("variants", {}):
+        return name, study
+    merged = {**copy.deepcopy(study), **copy.deepcopy(study["variants"][variant])}
+    merged.pop("variants")
+    new = f"{name}-{variant}"
+    try:
+        validate_schema({"studies": {new: merged}}, schema)
+    except ConfigError as e:
+        raise ConfigError(f"variant '{variant}' of study '{name}': {e}") from None
+    return new, merged
+
+
+def _check_sources(
+    config: dict[str, Any], studies: dict[str, Study], errors: list[str], schema
+) -> None:
     """Each from_run init names a run that exists, with the same model; a study that is not
-    selected but holds such a run is resolved too (not a target: its runs train as needed)."""
+    selected but holds such a run is resolved too (not a target: its runs train as needed),
+    under the config's variant like the others."""
+    import dataclasses
+
     for study in list(studies.values()):
-        for run in study.runs.values():
+        for run_id, run in list(study.runs.items()):
             if run.init_source is None:
                 continue
             src_study, _, src_run = run.init_source.partition("/")
-            if src_study not in studies and src_study in config["studies"]:
-                extra = _resolve_study(src_study, config["studies"][src_study], errors)
-                studies[src_study] = Study(**{**extra.__dict__, "target": False})
+            if src_study in config["studies"] and src_study != study.name:
+                resolved, raw = _variant(config, src_study, schema)
+                if resolved not in studies:
+                    extra = _resolve_study(resolved, raw, errors)
+                    studies[resolved] = Study(**{**extra.__dict__, "target": False})
+                if resolved != src_study:
+                    src_study = resolved
+                    run = dataclasses.replace(run, init_source=f"{resolved}/{src_run}")
+                    study.runs[run_id] = run
             source = studies.get(src_study, Study("", {}, (), {}, {})).runs.get(src_run)
             if source is None:
                 errors.append(

@@ -307,7 +307,9 @@ class DeviceData:
     augment: bool
 
     @classmethod
-    def load(cls, path: Path | str, device, normalize: bool = True, augment: bool = False):
+    def load(cls, path: Path | str, device, normalize: bool | dict = True, augment: bool = False):
+        """``normalize``: True (the training split's per-channel mean and std, from the
+        file's metadata), False (pixels in [0, 1]) or {"mean": [...], "std": [...]}."""
         import torch
         from safetensors import safe_open
 
@@ -319,7 +321,10 @@ class DeviceData:
         except Exception as e:
             raise DatasetError(f"{path}: unreadable prepared dataset ({e}); delete it") from e
         c = t["train_x"].shape[1]
-        if normalize:
+        if isinstance(normalize, dict):
+            mean = torch.tensor(normalize["mean"], device=device, dtype=torch.float32)
+            std = torch.tensor(normalize["std"], device=device, dtype=torch.float32)
+        elif normalize:
             mean = torch.tensor(json.loads(meta["mean"]), device=device)
             std = torch.tensor(json.loads(meta["std"]), device=device)
         else:

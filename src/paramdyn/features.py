@@ -449,3 +449,55 @@ def similarity_table(
                 value, note = math.nan, str(e)
             rows.append({"run_a": a, "run_b": b, "measure": measure, "value": value, "note": note})
     return pd.DataFrame(rows, columns=["run_a", "run_b", "measure", "value", "note"])
+
+
+# --- the workflow's jobs -----------------------------------------------------------------------
+
+
+def run_features(run_dir, dataset_path, out, *, probe_size: int, probe_seed: int, device="auto"):
+    """Features of a run's final checkpoint on the study's probe set, to ``out``."""
+    from safetensors import safe_open
+
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    hp = info["hparams"]
+    with safe_open(str(dataset_path), framework="pt") as f:
+        n_test = f.get_slice("test_y").get_shape()[0]
+    indices = probe_indices(n_test, min(probe_size, n_test), probe_seed)
+    feats = checkpoint_features(
+        run_dir / "checkpoints" / info["checkpoints"][-1],
+        dataset_path,
+        model_name=hp["model_name"],
+        dataset=hp["dataset"],
+        indices=indices,
+        model_settings=hp["model_settings"],
+        normalize=hp["normalize"],
+        device=device,
+    )
+    meta = {"run_id": info["run_id"], "status": info["status"], "probe_seed": probe_seed}
+    return save_features(out, feats, meta, indices=indices)
+
+
+def study_similarity(feature_files: Mapping[str, Path | str], pairs, out, *, unbiased=False):
+    """``similarity.parquet`` of a study: the cross-run measures of every pair (run_a, run_b,
+    kind) and, per run, the within-model summary of its correlation matrix (rows with run_b
+    = run_a: mean_abs_offdiag_corr, effective_rank). Undefined values are NaN with a note."""
+    from . import tables
+
+    feats = {run: load_features(p)[0] for run, p in feature_files.items()}
+    rows = []
+    for run, X in feats.items():
+        try:
+            s = correlation_summary(X.double().numpy())
+            values, note = (s["mean_abs_offdiag"], s["effective_rank"]), ""
+        except ValueError as e:
+            values, note = (np.nan, np.nan), str(e)
+        for measure, v in zip(("mean_abs_offdiag_corr", "effective_rank"), values, strict=True):
+            rows.append({"run_a": run, "run_b": run, "kind": "within", "measure": measure,
+                         "value": v, "note": note})  # fmt: skip
+    kind = {(a, b): k for a, b, k in pairs}
+    cross = similarity_table(feats, [(a, b) for a, b, _ in pairs], unbiased, errors="nan")
+    cross.insert(2, "kind", [kind[(a, b)] for a, b in zip(cross.run_a, cross.run_b, strict=True)])
+    df = pd.concat([pd.DataFrame(rows), cross], ignore_index=True)
+    tables.write_parquet(df, out, {"unbiased": unbiased, "pairs": len(pairs)})
+    return df

@@ -111,3 +111,53 @@ def plot_history(smk) -> None:
     with _logged(smk):
         history_curves(smk.input[0], smk.output.accuracy, "accuracy")
         history_curves(smk.input[0], smk.output.loss, "loss")
+
+
+def features(smk) -> None:
+    from .features import run_features
+
+    with _logged(smk) as log:
+        path = run_features(
+            Path(smk.input.run_json).parent,
+            smk.input.dataset,
+            smk.output[0],
+            probe_size=smk.params.probe_size,
+            probe_seed=smk.params.probe_seed,
+            device=smk.config.get("device", "auto"),
+        )
+        log.info("features of %s: %s", smk.wildcards.run_id, path)
+
+
+def similarity(smk) -> None:
+    from .features import study_similarity
+
+    with _logged(smk) as log:
+        files = {Path(p).parent.name: p for p in smk.input}
+        df = study_similarity(files, smk.params.pairs, smk.output[0], unbiased=smk.params.unbiased)
+        log.info("%d similarity rows over %d runs", len(df), len(files))
+
+
+def perturbation(smk) -> None:
+    from .perturb import branch_table
+
+    with _logged(smk):
+        branch_table(Path(smk.input.source).parent, Path(smk.input.run_json).parent, smk.output[0])
+
+
+def plot_similarity(smk) -> None:
+    from .features import load_features
+    from .plots import cka_heatmap, correlation_heatmap
+
+    with _logged(smk):
+        cka_heatmap(smk.input.table, smk.output.cka)
+        X, meta = load_features(smk.input.example)
+        correlation_heatmap(
+            X.numpy(), smk.output.correlation, f"feature correlations: {meta['run_id']}"
+        )
+
+
+def plot_perturbations(smk) -> None:
+    from .plots import perturbation_bars
+
+    with _logged(smk):
+        perturbation_bars(smk.input[0], smk.output[0])

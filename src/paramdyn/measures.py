@@ -26,7 +26,9 @@ stay in the checkpoints and are not parameters.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,17 +104,18 @@ class Layout:
 
 
 @dataclass
-class Params:
-    """One checkpoint's parameters as float32 arrays, one per region of the layout."""
+class Point:
+    """A checkpoint in the table: its position and per-tensor Σθ² (float64)."""
 
     epoch: int
     step: int
     epoch_end: bool
-    regions: list[np.ndarray]
-    sq: np.ndarray | None = None  # per-tensor Σθ² (float64), filled by the pass over it
+    sq: np.ndarray
 
 
-def _params(ck: Checkpoint, layout: Layout) -> Params:
+def _regions(ck: Checkpoint, layout: Layout) -> list[np.ndarray]:
+    """The checkpoint's parameters as float32 arrays, one per region of the layout (views of
+    the checkpoint's tensors for single tensors, copies for packs)."""
     names = [k for k in ck.parameters if ck.tensors[k].numel() > 0]
     if names != layout.names:
         raise CheckpointError(f"{ck.path}: its parameters differ from the run's first checkpoint")
@@ -122,94 +125,135 @@ def _params(ck: Checkpoint, layout: Layout) -> Params:
             raise CheckpointError(
                 f"{ck.path}: parameter {k} has {f.size} entries, {n} in the run's first checkpoint"
             )
-    regions = [
+    return [
         flat[idx[0]] if starts is None else np.concatenate([flat[i] for i in idx])
         for idx, starts in layout.regions
     ]
-    return Params(ck.epoch, ck.step, ck.epoch_end, regions)
 
 
 @dataclass
 class Stats:
-    """The additive statistics of one checkpoint against its references, per tensor.
+    """Per-tensor statistics of one pass over a checkpoint (or of one thread's share of it).
 
-    ``sums[r, s, t]``: statistic ``s`` (|d|, d², θ·θ_ref, then |d|^p for each p) of tensor
-    ``t`` against reference ``r``; ``linf`` and ``changed`` are indexed ``[r, t]``."""
+    ``sq[t]``: Σθ² of tensor ``t``. ``sums[r, s, t]``: statistic ``s`` (Σ|d|, Σd², Σθ·θ_ref,
+    then Σ|d|^p for each p) against reference ``r``. ``linf`` and ``changed`` are indexed
+    ``[r, t]``."""
 
+    sq: np.ndarray
     sums: np.ndarray
     linf: np.ndarray
     changed: np.ndarray
 
+    @classmethod
+    def zeros(cls, n_refs: int, n_stats: int, n_tensors: int) -> Stats:
+        return cls(
+            np.zeros(n_tensors),
+            np.zeros((n_refs, n_stats, n_tensors)),
+            np.zeros((n_refs, n_tensors)),
+            np.zeros((n_refs, n_tensors), dtype=np.int64),
+        )
+
+    def merge(self, other: Stats) -> None:
+        self.sq += other.sq
+        self.sums += other.sums
+        self.linf = np.maximum(self.linf, other.linf)
+        self.changed += other.changed
+
 
 class _Pass:
-    """One pass over a checkpoint against zero, one or two references.
+    """Measures checkpoints, one pass each, against the references it holds.
 
-    Holds the slice temporaries (allocated once per run). Rows of ``rows``: 0 is θ²; then,
-    for reference ``r``, rows ``1 + r * per`` onwards hold |d|, d², θ·θ_ref and |d|^p."""
+    ``refs`` holds the two references end to end, region after region, as float32 rows
+    (0: the init, 1: the previous checkpoint), so that one call takes a slice of both.
+    The slices are shared out between ``threads`` threads (numpy and torch release the
+    GIL while they compute), each with its own temporaries."""
 
-    def __init__(self, layout: Layout, atol: float, rtol: float, ps: list[float]):
+    def __init__(self, layout: Layout, atol: float, rtol: float, ps: list[float], threads: int):
         self.layout, self.atol, self.rtol, self.ps = layout, atol, rtol, ps
         self.per = 3 + len(ps)
-        self.rows = np.empty((1 + 2 * self.per, CHUNK), dtype=np.float32)
+        sizes = [int(layout.numel[idx].sum()) for idx, _ in layout.regions]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
+        self.refs = np.empty((2, self.offsets[-1]), dtype=np.float32)
+        slices = [(g, lo, min(lo + CHUNK, n)) for g, n in enumerate(sizes) for lo in range(0, n, CHUNK)]  # fmt: skip
+        threads = max(1, min(threads, len(slices)))
+        self.shares = [(_Scratch(self.per), slices[w::threads]) for w in range(threads)]
+
+    def measure(self, cur: list[np.ndarray], n_refs: int, pool: Executor | None) -> Stats:
+        """Σθ² of ``cur`` and its statistics against the first ``n_refs`` references; then
+        ``cur`` becomes the previous checkpoint (and, with ``n_refs`` 0, the init too)."""
+        if pool is None or len(self.shares) == 1:
+            parts = [self._share(cur, n_refs, *share) for share in self.shares]
+        else:
+            parts = list(pool.map(lambda share: self._share(cur, n_refs, *share), self.shares))
+        total = parts[0]
+        for part in parts[1:]:
+            total.merge(part)
+        return total
+
+    def _share(self, cur: list[np.ndarray], n_refs: int, tmp: _Scratch, slices) -> Stats:
+        """One thread's slices: element-wise quantities into ``tmp``, then reductions."""
+        per, regions = self.per, self.layout.regions
+        st = Stats.zeros(n_refs, per, len(self.layout.names))
+        # the rows to sum: the statistics of the references in use, then θ²
+        rows = slice(0, 2 * per + 1, 2) if n_refs == 1 else slice(2 * per * (n_refs == 0), None)
+        for g, lo, hi in slices:
+            k, off = hi - lo, self.offsets[g]
+            c = cur[g][lo:hi]
+            tmp.fill(c, self.refs[:n_refs, off + lo : off + hi], self.atol, self.rtol, self.ps)
+            np.copyto(self.refs[1 if n_refs else slice(None), off + lo : off + hi], c)
+            idx, starts = regions[g]
+            if starts is None:  # one tensor: float32 cascade sums, float64 accumulation
+                i = idx[0]
+                s = tmp.rows_t[rows, :k].sum(1).numpy().astype(np.float64)
+                st.sq[i] += s[-1]
+                if n_refs:
+                    st.sums[:, :, i] += s[:-1].reshape(per, n_refs).T
+                    m = tmp.rows_t[:n_refs, :k].amax(1).numpy()
+                    st.linf[:, i] = np.maximum(st.linf[:, i], m)
+                    for j in range(n_refs):
+                        st.changed[j, i] += np.count_nonzero(tmp.mask[j, :k])
+            else:  # a pack of small tensors: float64 segment sums
+                s = np.add.reduceat(tmp.rows[rows, :k], starts, axis=1, dtype=np.float64)
+                st.sq[idx] = s[-1]
+                if n_refs:
+                    st.sums[:, :, idx] = s[:-1].reshape(per, n_refs, -1).transpose(1, 0, 2)
+                    st.linf[:, idx] = np.maximum.reduceat(tmp.rows[:n_refs, :k], starts, axis=1)
+                    st.changed[:, idx] = np.add.reduceat(
+                        tmp.mask[:n_refs, :k], starts, axis=1, dtype=np.int64
+                    )
+        return st
+
+
+class _Scratch:
+    """The temporaries of one thread, allocated once: ``rows[2 * s + r]`` holds statistic
+    ``s`` (|d|, d², θ·θ_ref, |d|^p) against reference ``r``, the last row θ²."""
+
+    def __init__(self, per: int):
+        self.rows = np.empty((2 * per + 1, CHUNK), dtype=np.float32)
         self.rows_t = torch.from_numpy(self.rows)  # the same memory, for torch's reductions
-        self.thr = np.empty(CHUNK, dtype=np.float32)
+        self.thr = np.empty((2, CHUNK), dtype=np.float32)
         self.mask = np.empty((2, CHUNK), dtype=bool)
 
-    def run(self, cur: Params, refs: list[Params]) -> Stats:
-        """Fill ``cur.sq`` and return the statistics of ``cur`` against each of ``refs``."""
-        n_t, n_r = len(self.layout.names), len(refs)
-        sq = np.zeros(n_t)
-        sums = np.zeros((n_r, self.per, n_t))
-        linf = np.zeros((n_r, n_t))
-        changed = np.zeros((n_r, n_t), dtype=np.int64)
-        a_rows = slice(1, 1 + n_r * self.per, self.per)  # the |d| row of each reference
-        for g, (idx, starts) in enumerate(self.layout.regions):
-            c_all = cur.regions[g]
-            for lo in range(0, c_all.size, CHUNK):
-                hi = min(lo + CHUNK, c_all.size)
-                k = hi - lo
-                self._slice(c_all[lo:hi], [r.regions[g][lo:hi] for r in refs], k)
-                n_rows = 1 + n_r * self.per
-                if starts is None:  # one tensor: float32 cascade sums, float64 accumulation
-                    i = idx[0]
-                    s = self.rows_t[:n_rows, :k].sum(1).numpy().astype(np.float64)
-                    sq[i] += s[0]
-                    sums[:, :, i] += s[1:].reshape(n_r, self.per)
-                    if n_r:
-                        m = self.rows_t[a_rows, :k].amax(1).numpy()
-                        linf[:, i] = np.maximum(linf[:, i], m)
-                        for j in range(n_r):
-                            changed[j, i] += np.count_nonzero(self.mask[j, :k])
-                else:  # a pack of small tensors: float64 segment sums
-                    s = np.add.reduceat(self.rows[:n_rows, :k], starts, axis=1, dtype=np.float64)
-                    sq[idx] = s[0]
-                    sums[:, :, idx] = s[1:].reshape(n_r, self.per, len(idx))
-                    if n_r:
-                        linf[:, idx] = np.maximum.reduceat(self.rows[a_rows, :k], starts, axis=1)
-                        changed[:, idx] = np.add.reduceat(
-                            self.mask[:n_r, :k], starts, axis=1, dtype=np.int64
-                        )
-        cur.sq = sq
-        return Stats(sums, linf, changed)
-
-    def _slice(self, c: np.ndarray, refs: list[np.ndarray], k: int) -> None:
-        """Every element-wise quantity of one slice, written into the temporaries."""
+    def fill(self, c: np.ndarray, refs: np.ndarray, atol: float, rtol: float, ps) -> None:
+        """Every element-wise quantity of slice ``c`` against ``refs`` (one row each)."""
+        n, k = refs.shape[0], c.size
         rows = self.rows[:, :k]
-        np.multiply(c, c, out=rows[0])
-        thr = self.thr[:k]
-        for j, r in enumerate(refs):
-            a, d2, dot = rows[1 + j * self.per : 4 + j * self.per]
-            np.subtract(c, r, out=a)
-            np.abs(a, out=a)
-            np.multiply(a, a, out=d2)
-            np.multiply(c, r, out=dot)
-            for m, p in enumerate(self.ps):
-                _abs_power(a, d2, p, out=rows[4 + j * self.per + m])
-            # changed: |d| > atol + rtol * |θ_ref|, the threshold in float32
-            np.abs(r, out=thr)
-            np.multiply(thr, self.rtol, out=thr)
-            np.add(thr, self.atol, out=thr)
-            np.greater(a, thr, out=self.mask[j, :k])
+        np.multiply(c, c, out=rows[-1])
+        if not n:
+            return
+        a, d2, dot = (rows[2 * s : 2 * s + n] for s in range(3))
+        np.subtract(c, refs, out=a)
+        np.abs(a, out=a)
+        np.multiply(a, a, out=d2)
+        np.multiply(c, refs, out=dot)
+        for m, p in enumerate(ps):
+            _abs_power(a, d2, p, out=rows[2 * (3 + m) : 2 * (3 + m) + n])
+        # changed: |d| > atol + rtol * |θ_ref|, the threshold in float32
+        thr = self.thr[:n, :k]
+        np.abs(refs, out=thr)
+        np.multiply(thr, rtol, out=thr)
+        np.add(thr, atol, out=thr)
+        np.greater(a, thr, out=self.mask[:n, :k])
 
 
 def _abs_power(a: np.ndarray, a2: np.ndarray, p: float, out: np.ndarray) -> None:
@@ -236,9 +280,7 @@ def _group(keys: list[str]) -> tuple[list[str], list[np.ndarray]]:
 
 
 def _table(
-    layout: Layout,
-    points: list[tuple[Params, list[Params], Stats]],
-    ps: list[float],
+    layout: Layout, init: Point, points: list[tuple[Point, Point, Stats]], ps: list[float]
 ) -> pd.DataFrame:
     """The distances table from the per-tensor statistics of every checkpoint: tensor rows,
     then layer rows, then block rows; within each, checkpoint, reference, name order."""
@@ -247,7 +289,7 @@ def _table(
     linf = np.stack([st.linf for _, _, st in points])
     changed = np.stack([st.changed for _, _, st in points])
     cur_sq = np.stack([[cur.sq, cur.sq] for cur, _, _ in points])
-    ref_sq = np.stack([[r.sq for r in refs] for _, refs, _ in points])
+    ref_sq = np.stack([[init.sq, prev.sq] for _, prev, _ in points])
 
     layers, layer_members = _group(layout.layer)
     blocks, block_members = _group(layout.block)
@@ -280,8 +322,8 @@ def _table(
             ("epoch", [p.epoch for p, _, _ in points]),
             ("step", [p.step for p, _, _ in points]),
             ("epoch_end", [p.epoch_end for p, _, _ in points]),
-            ("ref_epoch", [[r.epoch for r in refs] for _, refs, _ in points]),
-            ("ref_step", [[r.step for r in refs] for _, refs, _ in points]),
+            ("ref_epoch", [[init.epoch, prev.epoch] for _, prev, _ in points]),
+            ("ref_step", [[init.step, prev.step] for _, prev, _ in points]),
         ):
             v = np.asarray(per_point)
             v = v[:, None, None] if v.ndim == 1 else v[:, :, None]
@@ -335,6 +377,17 @@ def _table(
     return pd.DataFrame(out)
 
 
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Torch's intra-op threads set to ``n`` for a while (the pass runs its own threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def compare(
     checkpoints: Iterable[Checkpoint | Path],
     *,
@@ -352,28 +405,30 @@ def compare(
     first = next(it)
     first = first if isinstance(first, Checkpoint) else read_checkpoint(first)
     layout = Layout.from_checkpoint(first)
-    walk = _Pass(layout, atol, rtol, ps)
-    init = _params(first, layout)
-    walk.run(init, [])  # Σθ² of the init
-    del first
-    prev = init
-    points: list[tuple[Params, list[Params], Stats]] = []
-    for item in it:
-        ck = item if isinstance(item, Checkpoint) else read_checkpoint(item)
-        cur = _params(ck, layout)
-        del ck
-        if prev is init:  # the first comparison: both references are the init
-            st = walk.run(cur, [init])
-            st = Stats(*(np.concatenate([a, a]) for a in (st.sums, st.linf, st.changed)))
-        else:
-            st = walk.run(cur, [init, prev])
-        points.append((cur, [init, prev], st))
-        if prev is not init:
-            prev.regions = []  # no longer a reference: free its memory
-        prev = cur
+    threads = torch.get_num_threads()
+    walk = _Pass(layout, atol, rtol, ps, threads)
+    points: list[tuple[Point, Point, Stats]] = []
+    with _torch_threads(1), ThreadPoolExecutor(threads) as pool:
+        sq = walk.measure(_regions(first, layout), 0, pool).sq
+        init = prev = Point(first.epoch, first.step, first.epoch_end, sq)
+        del first
+        for item in it:
+            ck = item if isinstance(item, Checkpoint) else read_checkpoint(item)
+            regions = _regions(ck, layout)
+            if prev is init:  # the first comparison: both references are the init
+                st = walk.measure(regions, 1, pool)
+                st.sums, st.linf, st.changed = (
+                    np.concatenate([a, a]) for a in (st.sums, st.linf, st.changed)
+                )
+            else:
+                st = walk.measure(regions, 2, pool)
+            cur = Point(ck.epoch, ck.step, ck.epoch_end, st.sq)
+            del ck, regions
+            points.append((cur, prev, st))
+            prev = cur
     if not points:
         raise CheckpointError("a run needs at least two checkpoints to measure distances")
-    return _table(layout, points, ps)
+    return _table(layout, init, points, ps)
 
 
 def run_distances(

@@ -374,3 +374,45 @@ def perturbation_summary(
         "dist_start_theta2": math.sqrt(v["ds2"]),
         "numel": numel,
     }
+
+
+# --- the workflow's table of a branch ---------------------------------------------------------
+
+
+def branch_table(source_dir, branch_dir, out) -> Any:
+    """``perturbation.parquet`` of one perturb-and-retrain branch: one row with the
+    :func:`perturbation_summary` norms of θ1 (the source run's final weights), θ_start (the
+    branch's step 0: the perturbed weights) and θ2 (the branch's final weights), the test
+    accuracy before (the source run) and after (the branch), and the grid coordinates."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from . import tables
+    from .checkpoints import read_checkpoint
+
+    source_dir, branch_dir = Path(source_dir), Path(branch_dir)
+    src = json.loads((source_dir / "run.json").read_text())
+    br = json.loads((branch_dir / "run.json").read_text())
+    theta1 = read_checkpoint(source_dir / "checkpoints" / src["checkpoints"][-1])
+    start = read_checkpoint(branch_dir / "checkpoints" / br["checkpoints"][0])
+    theta2 = read_checkpoint(branch_dir / "checkpoints" / br["checkpoints"][-1])
+    summary = perturbation_summary(theta1.tensors, start.tensors, theta2.tensors, theta1.parameters)
+    hp = br["hparams"]
+    row = {
+        "run_id": br["run_id"],
+        "source_run": src["run_id"],
+        "perturbation": hp["perturbation"],
+        "perturbation_name": hp["perturbation_options"]["name"],
+        **{k: hp[k] for k in ("study", "model", "dataset", "init", "optimizer", "seed")},
+        "source_seed": src["hparams"]["seed"],
+        "status": br["status"],
+        "accuracy_before": src["result"]["final_test_accuracy"],
+        "accuracy_after": br["result"]["final_test_accuracy"],
+        "best_accuracy_after": br["result"]["best_test_accuracy"],
+        **summary,
+    }
+    df = pd.DataFrame([row])
+    tables.write_parquet(df, out, {"options": hp["perturbation_options"]})
+    return df

@@ -354,13 +354,24 @@ def train_run(
 
     data = DeviceData.load(dataset_path, dev, normalize=spec.normalize, augment=spec.augment)
     model = build_model(spec.model_name, spec.dataset, spec.model_settings)
-    initialise(
-        model,
-        spec.init_name or spec.init,
-        spec.seed,
-        pretrained=catalog.MODELS[spec.model_name].pretrained,
-        source=init_checkpoint,
-    )
+    if spec.perturbation:  # a branch: the source run's final weights, perturbed
+        from .perturb import perturb_checkpoint
+
+        options = dict(spec.perturbation_options)
+        state, _ = perturb_checkpoint(
+            init_checkpoint, options.pop("name"), options, seed=spec.seed,
+            model_name=spec.model_name, dataset=spec.dataset,
+            model_settings=spec.model_settings, init=spec.init,
+        )  # fmt: skip
+        model.load_state_dict(state)
+    else:
+        initialise(
+            model,
+            spec.init_name or spec.init,
+            spec.seed,
+            pretrained=catalog.MODELS[spec.model_name].pretrained,
+            source=init_checkpoint,
+        )
     model.to(dev)
     blocks = model.block_names()
 
@@ -496,7 +507,8 @@ def train_run(
     return _finish(spec, p, work, run_dir, dev, threads, steps_per_epoch, total, t0)
 
 
-RUN_COLUMNS = ("run_id", "study", "model", "dataset", "init", "optimizer", "seed", "shortcut")
+RUN_COLUMNS = ("run_id", "study", "model", "dataset", "init", "optimizer", "seed", "shortcut",
+               "perturbation")  # fmt: skip
 
 
 def _write_run_table(df: pd.DataFrame, spec: RunSpec, status: str, path: Path) -> None:
