@@ -72,8 +72,13 @@ def study_targets():
             f"results/{study}/distances.parquet",
             f"results/{study}/history.parquet",
             f"results/{study}/gradients.parquet",
-            f"results/{study}/figures/distance_vs_depth_init.png",
-            f"results/{study}/figures/distance_vs_depth_previous.png",
+            *[
+                f"results/{study}/figures/distance_vs_depth_{name}.png"
+                for name in ("init", "previous", "init_raw", "previous_raw", "average")
+            ],
+            f"results/{study}/figures/gradients_vs_depth.png",
+            f"results/{study}/accuracy.parquet",
+            f"results/{study}/accuracy.md",
             f"results/{study}/figures/accuracy.png",
             f"results/{study}/figures/loss.png",
             f"results/{study}/similarity.parquet",

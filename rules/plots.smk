@@ -5,18 +5,15 @@ rule plot_distances:
     input:
         "results/{study}/distances.parquet",
     output:
-        init=report(
-            "results/{study}/figures/distance_vs_depth_init.png",
-            caption="../report/distance_vs_depth.rst",
-            category="{study}",
-            subcategory="distances",
-        ),
-        previous=report(
-            "results/{study}/figures/distance_vs_depth_previous.png",
-            caption="../report/distance_vs_depth.rst",
-            category="{study}",
-            subcategory="distances",
-        ),
+        **{
+            name: report(
+                f"results/{{study}}/figures/distance_vs_depth_{name}.png",
+                caption=f"../report/distance_vs_depth_{name}.rst",
+                category="{study}",
+                subcategory="distances",
+            )
+            for name in ("init", "previous", "init_raw", "previous_raw", "average")
+        },
     log:
         "results/{study}/logs/plot_distances.log",
     benchmark:
@@ -28,6 +25,53 @@ rule plot_distances:
         code=code_hash("plots", "tables", "jobs"),
     script:
         "../scripts/plot_distances.py"
+
+
+rule plot_gradients:
+    input:
+        "results/{study}/gradients.parquet",
+    output:
+        report(
+            "results/{study}/figures/gradients_vs_depth.png",
+            caption="../report/gradients.rst",
+            category="{study}",
+            subcategory="gradients",
+        ),
+    log:
+        "results/{study}/logs/plot_gradients.log",
+    benchmark:
+        "results/{study}/benchmarks/plot_gradients.tsv"
+    conda:
+        ENV
+    params:
+        vanish=lambda w: STUDIES[w.study].gradients["vanish_below"],
+        explode=lambda w: STUDIES[w.study].gradients["explode_above"],
+        code=code_hash("plots", "tables", "jobs"),
+    script:
+        "../scripts/plot_gradients.py"
+
+
+rule accuracy_table:
+    input:
+        "results/{study}/history.parquet",
+    output:
+        parquet="results/{study}/accuracy.parquet",
+        markdown=report(
+            "results/{study}/accuracy.md",
+            caption="../report/accuracy.rst",
+            category="{study}",
+            subcategory="training",
+        ),
+    log:
+        "results/{study}/logs/accuracy_table.log",
+    benchmark:
+        "results/{study}/benchmarks/accuracy_table.tsv"
+    conda:
+        ENV
+    params:
+        code=code_hash("tables", "jobs"),
+    script:
+        "../scripts/accuracy_table.py"
 
 
 rule plot_history:

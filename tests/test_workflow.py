@@ -35,14 +35,18 @@ TINY = {
             "batch_size": 128,
             "checkpoint": {"every_epochs": 1, "every_steps": 3},
             "measures": {"minkowski_p": [3]},
+            "gradients": {"every_steps": 2, "track_reached": True},
+            "perturbations": [{"name": "sign_flip"}],
+            "features": {"probe_size": 64, "unbiased": True},
         }
     },
 }
-RUNS = [
+BASE = [
     f"resnet18-basic-{s}-even_synthetic_kaiming-normal_sgd_s{seed}"
     for s in ("residual", "plain")
     for seed in (0, 1)
 ]
+RUNS = BASE + [f"{r}_sign-flip" for r in BASE]
 
 
 def snakemake(workdir: Path, config: Path, *args: str, env: dict | None = None):
@@ -78,7 +82,8 @@ def test_dry_run_lists_the_grid(tmp_path):
     r = snakemake(tmp_path, cfg, "-n")
     assert r.returncode == 0, r.stderr
     counts = job_counts(r.stdout + r.stderr)
-    assert counts["train"] == 4 and counts["distances"] == 4 and counts["aggregate"] == 2
+    assert counts["train"] == 8 and counts["distances"] == 8 and counts["aggregate"] == 4
+    assert counts["features"] == 8 and counts["perturbation"] == 4
     assert counts["prepare_dataset"] == 1 and counts["plot_distances"] == 1
 
 
@@ -88,7 +93,7 @@ def test_run_outputs(tiny):
     for run_id in RUNS:
         info = json.loads((study / "runs" / run_id / "run.json").read_text())
         assert info["run_id"] == run_id and info["status"] == "completed"
-        assert info["hparams"]["seed"] == int(run_id[-1])
+        assert info["hparams"]["seed"] == int(run_id.split("_")[4][1:])
         assert info["hparams"]["model_settings"] == {"width": 4}
         ckpts = sorted((study / "runs" / run_id / "checkpoints").glob("step*.safetensors"))
         # 512 images / 128 = 4 steps per epoch: steps 0, 3, 4, 6, 8
@@ -119,7 +124,7 @@ def test_distances_schema(tiny):
     for col, t in expected.items():
         assert types.get(col, "").replace("large_", "") == t.replace("large_", ""), col
     meta = json.loads(schema.metadata[b"paramdyn"])
-    assert meta["atol"] == 1e-8 and meta["rtol"] == 1e-5 and meta["runs"] == 4
+    assert meta["atol"] == 1e-8 and meta["rtol"] == 1e-5 and meta["runs"] == 8
     df = pq.read_table(path).to_pandas()
     assert set(df.run_id) == set(RUNS)
     assert set(df.reference) == {"init", "previous"}
@@ -139,7 +144,7 @@ def test_history_schema(tiny):
         assert col in df.columns
     assert set(df.split) == {"train", "test"}
     assert sorted(df.epoch.unique()) == [0, 1, 2]
-    assert len(df) == 4 * 3 * 2
+    assert len(df) == 8 * 3 * 2
     assert df.accuracy.between(0, 1).all()
 
 
@@ -148,7 +153,10 @@ def test_figures(tiny):
 
     work, _ = tiny
     figures = work / "results" / "tiny" / "figures"
-    for name in ("distance_vs_depth_init", "distance_vs_depth_previous", "accuracy", "loss"):
+    names = [f"distance_vs_depth_{n}" for n in ("init", "previous", "init_raw", "previous_raw")]
+    names += ["distance_vs_depth_average", "accuracy", "loss", "gradients_vs_depth", "cka"]
+    names += ["feature_correlation", "perturbations"]
+    for name in names:
         png = figures / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         img = mpimg.imread(png)
@@ -169,7 +177,7 @@ def test_changing_one_model_reruns_only_its_jobs(tiny):
     cfg = write_config(work / "changed.yaml", changed)
     r = snakemake(work, cfg, "-n")
     counts = job_counts(r.stdout + r.stderr)
-    assert counts["train"] == 2 and counts["distances"] == 2, counts
+    assert counts["train"] == 4 and counts["distances"] == 4, counts  # 2 runs, 2 branches
     assert "prepare_dataset" not in counts
     assert "resnet18-basic-residual-even_synthetic" not in r.stdout.split("Job stats")[0]
 
@@ -184,7 +192,7 @@ def test_editing_the_measures_module_reruns_measures_not_training(tiny, tmp_path
         f.write("\n# an edit\n")
     r = snakemake(work, cfg, "-n", env=env)
     counts = job_counts(r.stdout + r.stderr)
-    assert counts.get("distances") == 4, counts
+    assert counts.get("distances") == 8, counts
     assert "train" not in counts and "prepare_dataset" not in counts
 
 
@@ -203,3 +211,36 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert r.returncode != 0
     assert "unknown model 'resnet19'" in r.stderr and "resnet18-basic-plain" in r.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_perturbations_and_similarity(tiny):
+    work, _ = tiny
+    study = work / "results" / "tiny"
+    p = pq.read_table(study / "perturbations.parquet").to_pandas()
+    assert sorted(p.run_id) == sorted(RUNS[4:])
+    assert (p.perturbation == "sign-flip").all()
+    # the branch restarts from the source's final weights, negated: ‖θ_start − θ1‖ = 2‖θ1‖
+    assert (p.dist_start_theta1 - 2 * p.norm_theta1).abs().max() < 1e-6 * p.norm_theta1.max()
+    assert p.accuracy_before.between(0, 1).all() and p.accuracy_after.between(0, 1).all()
+    s = pq.read_table(study / "similarity.parquet").to_pandas()
+    assert {"run_a", "run_b", "measure", "value"} <= set(s.columns)
+    assert {"cka_linear", "cka_linear_unbiased", "matched_correlation", "procrustes"} <= set(
+        s.measure
+    )
+    assert set(s.kind) == {"within", "seeds", "perturbations"}
+    cka = s[s.measure == "cka_linear"]
+    assert cka.value.between(0, 1 + 1e-9).all()
+    g = pq.read_table(study / "gradients.parquet").to_pandas()
+    assert {"grad_l2", "grad_rms", "zero_frac", "nans", "infs"} <= set(g.columns)
+    assert (g[g.granularity == "block"].groupby(["run_id", "step"]).depth.nunique() == 10).all()
+    acc = (study / "accuracy.md").read_text()
+    assert "sign-flip" in acc and "± " in acc
+
+
+def test_report(tiny):
+    work, cfg = tiny
+    r = snakemake(work, cfg, "--report", str(work / "report.html"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    html = (work / "report.html").read_text(errors="replace")
+    for name in ("distance_vs_depth_init.png", "gradients_vs_depth.png", "cka.png"):
+        assert name in html

@@ -95,6 +95,7 @@ class Study:
     measures: dict[str, Any]
     keep_step_checkpoints: bool = True
     features: dict[str, Any] = field(default_factory=dict)
+    gradients: dict[str, Any] = field(default_factory=dict)
     similarity_pairs: tuple[tuple[str, str, str], ...] = ()  # (run_a, run_b, kind)
     target: bool = True  # False: resolved only because another study starts from its runs
 
@@ -324,6 +325,7 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
         dict(s["measures"]),
         keep_step_checkpoints=ckpt.get("keep_steps", True),
         features=dict(s["features"]),
+        gradients=dict(s["gradients"]),
         similarity_pairs=_pairs(runs, s["similarity"]["pairs"]),
     )
 

@@ -98,11 +98,29 @@ def aggregate(smk) -> None:
 
 
 def plot_distances(smk) -> None:
-    from .plots import distance_vs_depth
+    from .plots import distance_average, distance_vs_depth
 
     with _logged(smk):
-        for reference, out in (("init", smk.output.init), ("previous", smk.output.previous)):
-            distance_vs_depth(smk.input[0], out, reference, smk.params.metric)
+        metric, raw = smk.params.metric, "l1"
+        for reference in ("init", "previous"):
+            distance_vs_depth(smk.input[0], smk.output[reference], reference, metric)
+            distance_vs_depth(smk.input[0], smk.output[f"{reference}_raw"], reference, raw)
+        distance_average(smk.input[0], smk.output.average, metric)
+
+
+def plot_gradients(smk) -> None:
+    from .plots import gradient_vs_depth
+
+    with _logged(smk):
+        gradient_vs_depth(smk.input[0], smk.output[0], smk.params.vanish, smk.params.explode)
+
+
+def accuracy_table(smk) -> None:
+    from .tables import accuracy_table as table
+
+    with _logged(smk) as log:
+        df = table(smk.input[0], smk.output.parquet, smk.output.markdown)
+        log.info("%d settings", len(df))
 
 
 def plot_history(smk) -> None:

@@ -57,6 +57,8 @@ def distance_vs_depth(distances: Path | str, out: Path | str, reference: str, me
     optimizer / init; colour = model, dashes = plain vs residual; band = 95% CI over seeds."""
     df = tables.read_parquet(distances)
     df = df[(df.granularity == "block") & (df.reference == reference)]
+    if "perturbation" in df.columns:  # branches have their own figures
+        df = df[df["perturbation"].fillna("") == ""]
     if df.empty:
         _empty(out, f"no block distances against '{reference}'")
         return
@@ -275,3 +277,81 @@ def perturbation_bars(perturbations, out: Path | str) -> None:
             ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     _save(fig, out)
+
+
+# --- gradients, averages ---------------------------------------------------------------------
+
+
+def _spread(values: list, n: int) -> list:
+    values = sorted(set(values))
+    if len(values) <= n:
+        return values
+    return [values[int(round(i))] for i in np.linspace(0, len(values) - 1, n)]
+
+
+def gradient_vs_depth(gradients, out: Path | str, vanish: float, explode: float) -> None:
+    """Gradient RMS per block against depth on a log scale, at a few recorded steps through
+    training; colour = model, dashes = plain vs residual, band = 95% CI over seeds. Dotted
+    lines: the vanishing and exploding thresholds; blocks beyond them are counted in the
+    title (NaN/Inf gradients count as exploding)."""
+    df = tables.read_parquet(gradients)
+    df = df[df["granularity"] == "block"].copy()
+    if df.empty:
+        _empty(out, "no gradients recorded (set gradients.every_steps)")
+        return
+    df["exploding"] = (df["grad_rms"] > explode) | (df["nans"] + df["infs"] > 0)
+    df["vanishing"] = df["grad_rms"] < vanish
+    n_van, n_exp = int(df["vanishing"].sum()), int(df["exploding"].sum())
+    df = df[df["step"].isin(_spread(df["step"].tolist(), 4))]
+    df["setting"] = df["optimizer"] + " / " + df["init"] + " / " + df["dataset"]
+    df["checkpoint"] = "step " + df["step"].astype(str)
+    df["grad_rms"] = df["grad_rms"].where(np.isfinite(df["grad_rms"]) & (df["grad_rms"] > 0))
+    sns.set_theme(style="whitegrid", context="paper")
+    g = sns.relplot(
+        data=df, x="depth", y="grad_rms", hue="model", style="shortcut", col="checkpoint",
+        row="setting", kind="line", errorbar=("ci", 95), marker="o", markersize=3,
+        height=2.4, aspect=1.25, facet_kws={"margin_titles": True},
+    )  # fmt: skip
+    g.set(yscale="log")
+    for ax in g.axes.flat:
+        ax.axhline(vanish, ls=":", c="grey")
+        ax.axhline(explode, ls=":", c="grey")
+    g.set_axis_labels("depth (0 = input side)", "gradient RMS (‖g‖ / √numel)")
+    g.set_titles(row_template="{row_name}", col_template="{col_name}")
+    g.figure.suptitle(
+        f"gradient magnitude per block; flagged block-steps: {n_van} vanishing (< {vanish:g}),"
+        f" {n_exp} exploding (> {explode:g} or NaN/Inf)", y=1.02,
+    )  # fmt: skip
+    _save(g.figure, out)
+
+
+def distance_average(distances, out: Path | str, metric: str) -> None:
+    """The average over models and datasets: at each run's last epoch checkpoint, each
+    block's distance divided by the run's mean over its blocks (so models of any size and
+    depth compare), against relative depth (0 = input, 1 = output) in ten bins; plain vs
+    residual, init and previous; band = 95% CI over runs."""
+    df = tables.read_parquet(distances)
+    df = df[(df["granularity"] == "block") & df["epoch_end"]].copy()
+    if "perturbation" in df.columns:
+        df = df[df["perturbation"].fillna("") == ""]
+    if df.empty:
+        _empty(out, "no block distances")
+        return
+    last = df.groupby("run_id")["step"].transform("max")
+    df = df[df["step"] == last]
+    df["relative depth"] = df["depth"] / df.groupby("run_id")["depth"].transform("max")
+    df["relative depth"] = (df["relative depth"] * 9).round() / 9
+    df["relative distance"] = df[metric] / df.groupby(["run_id", "reference"])[metric].transform(
+        "mean"
+    )
+    sns.set_theme(style="whitegrid", context="paper")
+    g = sns.relplot(
+        data=df, x="relative depth", y="relative distance", hue="shortcut", col="reference",
+        kind="line", errorbar=("ci", 95), marker="o", height=3, aspect=1.3,
+    )  # fmt: skip
+    g.figure.suptitle(
+        f"{METRIC_LABELS.get(metric, metric)} relative to each run's mean over blocks, "
+        f"averaged over {df['model'].nunique()} models and {df['dataset'].nunique()} datasets",
+        y=1.04,
+    )
+    _save(g.figure, out)

@@ -59,3 +59,66 @@ def aggregate(paths: list[Path | str], out: Path | str) -> pd.DataFrame:
     meta["runs"] = len(paths)
     write_parquet(df, out, meta)
     return df
+
+
+GRID = ["model", "dataset", "init", "optimizer", "perturbation"]
+
+
+def accuracy_table(history: Path | str, out_parquet: Path | str, out_markdown: Path | str):
+    """Best and final test accuracy per grid setting (the epoch of the best too), mean and
+    spread over seeds, as Parquet and Markdown. Both are reported because a final number
+    alone hides overfitting (seed 004 reported only its final, overfit CIFAR-10 accuracy)."""
+    h = read_parquet(history)
+    test = h[h["split"] == "test"].copy()
+    for c in GRID:
+        if c not in test.columns:
+            test[c] = ""
+    per_run = []
+    for run_id, g in test.groupby("run_id", sort=False):
+        g = g.sort_values("step")
+        best = g.loc[g["accuracy"].idxmax()] if g["accuracy"].notna().any() else g.iloc[-1]
+        per_run.append(
+            {
+                **{c: g[c].iloc[0] for c in GRID},
+                "run_id": run_id,
+                "final": g["accuracy"].iloc[-1],
+                "best": best["accuracy"],
+                "best_epoch": int(best["epoch"]),
+                "diverged": bool((g.get("status", pd.Series(["completed"])) == "diverged").any()),
+            }
+        )
+    runs = pd.DataFrame(per_run)
+    df = (
+        runs.groupby(GRID, sort=False, dropna=False)
+        .agg(
+            seeds=("run_id", "count"),
+            final_mean=("final", "mean"),
+            final_std=("final", "std"),
+            best_mean=("best", "mean"),
+            best_std=("best", "std"),
+            best_epoch_mean=("best_epoch", "mean"),
+            diverged=("diverged", "sum"),
+        )
+        .reset_index()
+    )
+    df["diverged"] = df["diverged"].astype("int64")
+    write_parquet(df, out_parquet, {"what": "test accuracy over seeds (std: sample std)"})
+    lines = [
+        "| model | dataset | init | optimizer | perturbation | seeds | final | best | best epoch | diverged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in df.itertuples(index=False):
+
+        def pm(m, s):
+            return f"{m:.4f}" if pd.isna(s) else f"{m:.4f} ± {s:.4f}"
+
+        lines.append(
+            f"| {r.model} | {r.dataset} | {r.init} | {r.optimizer} | {r.perturbation or '—'} | "
+            f"{r.seeds} | {pm(r.final_mean, r.final_std)} | {pm(r.best_mean, r.best_std)} | "
+            f"{r.best_epoch_mean:.1f} | {r.diverged} |"
+        )
+    out_markdown = Path(out_markdown)
+    tmp = out_markdown.with_name(out_markdown.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n\nMean ± sample standard deviation over seeds.\n")
+    os.replace(tmp, out_markdown)
+    return df
