@@ -44,14 +44,14 @@ def run_paths(study, filename, runs=None):
     ]
 
 
-def run_tables(wildcards):
-    """The per-run tables a study table is made of (perturbations: the branches only)."""
-    if wildcards.table == "perturbations":
-        branches = [
-            r for r, s in STUDIES[wildcards.study].runs.items() if s.perturbation
-        ]
-        return run_paths(wildcards.study, "perturbation.parquet", branches)
-    return run_paths(wildcards.study, f"{wildcards.table}.parquet")
+# per-run tables concatenated into one per study by rule aggregate
+RUN_TABLES = ("distances", "history", "gradients")
+
+
+def branch_tables(wildcards):
+    """The perturbation tables of a study's perturb-and-retrain branches."""
+    branches = [r for r, s in STUDIES[wildcards.study].runs.items() if s.perturbation]
+    return run_paths(wildcards.study, "perturbation.parquet", branches)
 
 
 def similarity_inputs(wildcards):

@@ -23,15 +23,30 @@ rule distances:
 
 rule aggregate:
     input:
-        run_tables,
+        **{t: lambda w, t=t: run_paths(w.study, f"{t}.parquet") for t in RUN_TABLES},
     output:
-        "results/{study}/{table}.parquet",
+        **{t: f"results/{{study}}/{t}.parquet" for t in RUN_TABLES},
     log:
-        "results/{study}/logs/aggregate/{table}.log",
+        "results/{study}/logs/aggregate.log",
     benchmark:
-        "results/{study}/benchmarks/aggregate/{table}.tsv"
-    wildcard_constraints:
-        table="distances|history|gradients|perturbations",
+        "results/{study}/benchmarks/aggregate.tsv"
+    conda:
+        ENV
+    params:
+        code=code_hash("tables", "jobs"),
+    script:
+        "../scripts/aggregate.py"
+
+
+rule aggregate_perturbations:
+    input:
+        perturbations=branch_tables,
+    output:
+        perturbations="results/{study}/perturbations.parquet",
+    log:
+        "results/{study}/logs/aggregate_perturbations.log",
+    benchmark:
+        "results/{study}/benchmarks/aggregate_perturbations.tsv"
     conda:
         ENV
     params:

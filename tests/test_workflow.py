@@ -82,7 +82,7 @@ def test_dry_run_lists_the_grid(tmp_path):
     r = snakemake(tmp_path, cfg, "-n")
     assert r.returncode == 0, r.stderr
     counts = job_counts(r.stdout + r.stderr)
-    assert counts["train"] == 8 and counts["distances"] == 8 and counts["aggregate"] == 4
+    assert counts["train"] == 8 and counts["distances"] == 8 and counts["aggregate"] == 1
     assert counts["features"] == 8 and counts["perturbation"] == 4
     assert counts["prepare_dataset"] == 1 and counts["plot_distances"] == 1
 

@@ -93,8 +93,10 @@ def aggregate(smk) -> None:
     from .tables import aggregate as concat
 
     with _logged(smk) as log:
-        df = concat(list(smk.input), smk.output[0])
-        log.info("%d rows from %d runs", len(df), len(smk.input))
+        for name, out in smk.output.items():
+            paths = list(smk.input[name])
+            df = concat(paths, out)
+            log.info("%s: %d rows from %d runs", name, len(df), len(paths))
 
 
 def plot_distances(smk) -> None:
