@@ -86,7 +86,7 @@ def test_two_concurrent_jobs_get_different_gpus(env, holders):
 
 
 def test_a_third_job_waits_for_a_free_gpu(env, holders):
-    short, long = holders(env, 1.5), holders(env, 30)
+    short, long = holders(env, 2.5), holders(env, 30)
     first = short.leased()
     long.leased()
     t0 = time.monotonic()

@@ -184,9 +184,9 @@ def lease_gpu(
         if now - start >= timeout:
             raise GpuLeaseError(
                 f"no free GPU after {timeout:g} s: all of {','.join(candidates)} are leased "
-                f"by other processes (lock files in {directory}). Run fewer GPU jobs at once "
-                "(Snakemake's --resources gpu=N must not exceed the GPUs of this machine), or "
-                "raise PARAMDYN_GPU_WAIT_SECONDS."
+                f"by other processes (lock files in {directory}). Run at most one training job "
+                "per GPU: give Snakemake --resources gpu=N with N no more than the GPUs of "
+                "this machine (profiles/local), or raise PARAMDYN_GPU_WAIT_SECONDS."
             )
         if now >= next_report:
             log.info(

@@ -51,10 +51,16 @@ def prepare_dataset(smk) -> None:
 
 
 def train(smk) -> None:
-    from .config import RunSpec
-    from .train import train_run
+    from .config import RunSpec, detect_device
+    from .gpus import lease_gpu
 
-    with _logged(smk):
+    with _logged(smk) as log:
+        # one GPU of a multi-GPU box for this job, before CUDA starts (a no-op under SLURM,
+        # which sets CUDA_VISIBLE_DEVICES, and with one GPU or none)
+        if detect_device(smk.config.get("device", "auto")) == "cuda":
+            lease_gpu(log)
+        from .train import train_run
+
         spec = RunSpec.from_dict(json.loads(smk.params.hparams))
         source = None
         if spec.init_source:  # from_run: the source run's final checkpoint
@@ -143,7 +149,7 @@ def features(smk) -> None:
             smk.output[0],
             probe_size=smk.params.probe_size,
             probe_seed=smk.params.probe_seed,
-            device=smk.config.get("device", "auto"),
+            device="cpu",  # a small job: it takes no GPU from the training jobs
         )
         log.info("features of %s: %s", smk.wildcards.run_id, path)
 
