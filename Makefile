@@ -40,3 +40,10 @@ fmt: $(STAMP)
 	$(BIN)/ruff format src scripts tests benchmarks
 	$(BIN)/ruff check --fix src scripts tests benchmarks
 	$(BIN)/snakefmt Snakefile rules
+
+# Every benchmarks/bench_*.py, in sorted order; stops at the first that fails. Each prints
+# as its last line `NAME: ratio VALUE (what over what)`; results in benchmarks/RESULTS.md.
+bench: $(STAMP)
+	@set -e; for f in $$(ls benchmarks/bench_*.py | LC_ALL=C sort); do \
+		echo "== $$f"; $(BIN)/python $$f; \
+	done

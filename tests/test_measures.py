@@ -173,3 +173,124 @@ def test_distance_columns_types(tiny_run):
     assert df["epoch_end"].dtype == bool
     for c in ("l1", "l2", "linf", "mean_abs", "rel_l2", "cosine", "frac_changed", "minkowski_p3"):
         assert pd.api.types.is_float_dtype(df[c]), c
+
+
+class Wide(nn.Module):
+    """Tensors larger than a slice (walked in several slices, the last one ragged) next to
+    small ones (packed many to a slice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(300, 300)  # 90,000 weights: several slices
+        self.b = nn.Sequential(nn.Linear(300, 7), nn.BatchNorm1d(7))  # 2,100 + small ones
+        self.c = nn.Linear(7, 5000)  # 35,000 weights, 5,000 biases
+
+
+@pytest.fixture
+def wide_run(tmp_path):
+    torch.manual_seed(1)
+    m = Wide()
+    states = []
+    for step in range(4):
+        with torch.no_grad():
+            for i, p in enumerate(m.parameters()):
+                if step and not (step == 2 and i == 1):  # a.bias stays put at step 2
+                    p.add_(torch.randn_like(p) * 0.01 * step)
+        save_checkpoint(
+            tmp_path, m, epoch=step, step=step, epoch_end=True, run_id="w", blocks=["a", "b", "c"]
+        )
+        states.append({k: v.clone() for k, v in m.named_parameters()})
+    return tmp_path, states
+
+
+def _float64_row(cur, ref, atol, rtol, ps):
+    d = (cur - ref).double()
+    c, r = cur.double(), ref.double()
+    out = {
+        "l1": d.abs().sum().item(),
+        "l2": d.norm().item(),
+        "linf": d.abs().max().item(),
+        "cosine": (c.flatten() @ r.flatten() / (c.norm() * r.norm())).item(),
+        "norm": c.norm().item(),
+        "ref_norm": r.norm().item(),
+        "changed": int(((cur - ref).abs() > atol + rtol * ref.abs()).sum()),
+    }
+    for p in ps:
+        out[f"minkowski_p{p:g}"] = d.norm(p=p).item()
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sliced_and_packed_tensors_match_float64(wide_run, threads):
+    """Every measure, at every granularity, within 1e-6 of a float64 computation, whether
+    the slices run on one thread or are shared between two."""
+    path, states = wide_run
+    ps = [1.5, 3]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        df = compare(list_checkpoints(path), atol=1e-4, rtol=1e-3, minkowski_p=ps)
+        assert torch.get_num_threads() == threads  # the pass leaves torch's threads as found
+    finally:
+        torch.set_num_threads(before)
+    index = df.set_index(["step", "reference", "granularity", "name"]).sort_index()
+    groups = {"layer": {"a": ["a"], "b.0": ["b.0"], "b.1": ["b.1"], "c": ["c"]},
+              "block": {"a": ["a"], "b": ["b.0", "b.1"], "c": ["c"]}}  # fmt: skip
+    for step in (1, 2, 3):
+        for reference, ref in (("init", states[0]), ("previous", states[step - 1])):
+            cur = states[step]
+            rows = {("tensor", k): [k] for k in cur}
+            for gran, members in groups.items():
+                for name, prefixes in members.items():
+                    rows[(gran, name)] = [k for k in cur if k.rsplit(".", 1)[0] in prefixes]
+            for (gran, name), keys in rows.items():
+                c = torch.cat([cur[k].flatten() for k in keys])
+                r = torch.cat([ref[k].flatten() for k in keys])
+                got = index.loc[(step, reference, gran, name)]
+                assert got.numel == c.numel()
+                for col, value in _float64_row(c, r, 1e-4, 1e-3, ps).items():
+                    if col == "changed":
+                        assert got[col] == value, (gran, name, col)
+                    else:
+                        expect = pytest.approx(value, rel=1e-6, nan_ok=True)
+                        assert got[col] == expect, (gran, name, col)
+    # a.bias did not move between steps 1 and 2
+    r = _row(df, step=2, reference="previous", granularity="tensor", name="a.bias")
+    assert r.l1 == 0 and r.changed == 0 and r.cosine == pytest.approx(1.0)
+
+
+def test_one_pass_per_checkpoint_and_rows_in_order(wide_run):
+    path, states = wide_run
+    df = compare(list_checkpoints(path))
+    n = len(states[0])
+    assert list(df.granularity.unique()) == ["tensor", "layer", "block"]
+    tensor = df[df.granularity == "tensor"]
+    assert list(tensor.name[:n]) == list(states[0])  # checkpoint, reference, then tensor order
+    assert list(tensor.reference[: 2 * n]) == ["init"] * n + ["previous"] * n
+    assert list(tensor.step[:: 2 * n]) == [1, 2, 3]
+    first = df[df.step == 1]  # against the init both ways: the same values
+    a, b = first[first.reference == "init"], first[first.reference == "previous"]
+    assert np.array_equal(a.l1.to_numpy(), b.l1.to_numpy())
+    assert (b.ref_step == 0).all()
+
+
+def test_parameters_must_match_the_first_checkpoint(tmp_path):
+    for step, n_in in enumerate((3, 4)):
+        m = nn.Sequential(nn.Linear(n_in, 2))
+        save_checkpoint(
+            tmp_path, m, epoch=step, step=step, epoch_end=True, run_id="x", blocks=["0"]
+        )
+    with pytest.raises(CheckpointError, match="0.weight has 8 entries, 6"):
+        compare(list_checkpoints(tmp_path))
+
+
+def test_a_diverged_tensor_spoils_only_its_own_rows(wide_run):
+    path, _ = wide_run
+    paths = list_checkpoints(path)
+    ck = read_checkpoint(paths[-1])
+    ck.tensors["c.bias"][3] = float("nan")
+    df = compare([*paths[:-1], ck])
+    last = df[df.step == 3]
+    spoilt = last.l1.isna()
+    assert set(last[spoilt].name) == {"c.bias", "c"}  # the tensor, its layer and its block
+    assert last[spoilt].linf.isna().all() and not last[~spoilt].l1.isna().any()

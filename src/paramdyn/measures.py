@@ -1,24 +1,26 @@
 """Per-tensor, per-layer and per-block distances between checkpoints of one run.
 
 Each checkpoint after the first is compared with two references: the init (the first
-checkpoint) and the checkpoint before it. With d = θ - θ_ref, every measure is a sum
-(Σ|d|, Σd², Σ|d|^p, Σθ·θ_ref, Σθ², the count of changed entries) or a maximum (max |d|) over
-the entries, so they are computed in one pass:
+checkpoint) and the checkpoint before it. With d = θ - θ_ref, every measure derives from
+sums over the entries (Σ|d|, Σd², Σ|d|^p, Σθ·θ_ref, Σθ², the count of changed entries) and
+one maximum (max |d|), so all of them come out of one pass over the data:
 
-- The checkpoints are read once each, in step order, and only three are held: the init, the
-  previous and the current one. Time is linear in the number of checkpoints.
-- The parameters are walked in slices of at most :data:`CHUNK` entries. From one slice of
-  the current checkpoint and the same slice of each reference, every statistic of both
-  references is taken while the slice sits in the CPU cache: one subtraction per
-  reference gives d, and the other statistics derive from it. The temporaries are
-  allocated once per run, in float32; nothing is cast to float64 element-wise.
-- Sums within a slice run in float32 with torch's cascade summation (its relative error
-  stays around 1e-7 for 32k entries); across slices they accumulate in float64. Tensors
-  smaller than :data:`SMALL` entries (BatchNorm weights, biases) are packed together so that
-  one slice covers many of them; their per-tensor sums are segment reductions in float64.
+- The checkpoints are read once each, in step order; three are held at a time (the init,
+  the previous and the current one). Time is linear in the number of checkpoints.
+- The parameters are walked in slices of at most :data:`CHUNK` entries. From a slice of the
+  current checkpoint and the same slice of each reference, every statistic of both
+  references is taken while the slice is in the CPU cache: one subtraction per reference
+  gives d, and the rest derive from it and from θ. The temporaries are float32 and are
+  allocated once per run; nothing is cast to float64 element by element.
+- Sums within a slice run in float32 with torch's cascade summation (relative error about
+  1e-7); across slices they accumulate in float64. Tensors under :data:`SMALL` entries
+  (BatchNorm weights, biases) are packed, many to a slice; their per-tensor sums are
+  segment reductions in float64.
+- The slices are shared out between torch's number of threads (``torch.get_num_threads``:
+  a job's threads), each with its own temporaries; numpy and torch release the GIL while
+  they compute.
 - Layer and block values are computed from the per-tensor sums (never averaged from
-  ratios), so every granularity is exact. The table is built once, at the end, from numpy
-  arrays.
+  ratios), so every granularity is exact. The table is built once, at the end.
 
 Only trainable parameters are measured. Buffers (BatchNorm running statistics, counters)
 stay in the checkpoints and are not parameters.
@@ -45,8 +47,8 @@ RUN_COLUMNS = ("run_id", "study", "model", "model_name", "shortcut", "dataset", 
 KEYS = ("epoch", "step", "epoch_end", "reference", "ref_epoch", "ref_step")
 REFERENCES = ("init", "previous")
 
-CHUNK = 1 << 15  # entries of one slice: its float32 temporaries fit in a core's L2 cache
-SMALL = 1 << 12  # tensors below this size are packed, many to a slice
+CHUNK = 1 << 16  # entries of one slice (256 KiB of float32 per row of temporaries)
+SMALL = 1 << 12  # tensors with fewer entries are packed, many to a slice
 
 
 def _pow_name(p: float) -> str:
@@ -95,10 +97,10 @@ class Layout:
             if n >= SMALL:
                 close_pack()
                 regions.append((np.array([i], dtype=np.intp), None))
-            else:
-                if pack and numel[pack].sum() + n > CHUNK:
-                    close_pack()
-                pack.append(i)
+                continue
+            if numel[pack].sum() + n > CHUNK:
+                close_pack()
+            pack.append(i)
         close_pack()
         return cls(names, numel, layer, block, np.array(depth, dtype=np.int64), regions)
 
@@ -161,46 +163,53 @@ class Stats:
 
 
 class _Pass:
-    """Measures checkpoints, one pass each, against the references it holds.
+    """One pass over a checkpoint against its references, slice by slice.
 
-    ``refs`` holds the two references end to end, region after region, as float32 rows
-    (0: the init, 1: the previous checkpoint), so that one call takes a slice of both.
-    The slices are shared out between ``threads`` threads (numpy and torch release the
-    GIL while they compute), each with its own temporaries."""
+    The slices of the layout's regions are shared out between ``threads`` threads, each
+    with its own temporaries (:class:`_Scratch`); each thread sums into its own
+    :class:`Stats`, merged at the end."""
 
     def __init__(self, layout: Layout, atol: float, rtol: float, ps: list[float], threads: int):
         self.layout, self.atol, self.rtol, self.ps = layout, atol, rtol, ps
         self.per = 3 + len(ps)
         sizes = [int(layout.numel[idx].sum()) for idx, _ in layout.regions]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
-        self.refs = np.empty((2, self.offsets[-1]), dtype=np.float32)
-        slices = [(g, lo, min(lo + CHUNK, n)) for g, n in enumerate(sizes) for lo in range(0, n, CHUNK)]  # fmt: skip
+        slices = [
+            (g, lo, min(lo + CHUNK, n)) for g, n in enumerate(sizes) for lo in range(0, n, CHUNK)
+        ]
         threads = max(1, min(threads, len(slices)))
         self.shares = [(_Scratch(self.per), slices[w::threads]) for w in range(threads)]
 
-    def measure(self, cur: list[np.ndarray], n_refs: int, pool: Executor | None) -> Stats:
-        """Σθ² of ``cur`` and its statistics against the first ``n_refs`` references; then
-        ``cur`` becomes the previous checkpoint (and, with ``n_refs`` 0, the init too)."""
+    def measure(
+        self, cur: list[np.ndarray], refs: list[list[np.ndarray]], pool: Executor | None
+    ) -> Stats:
+        """Σθ² of ``cur`` and its statistics against each of ``refs`` (none, one or two
+        checkpoints, each a list of regions like ``cur``)."""
         if pool is None or len(self.shares) == 1:
-            parts = [self._share(cur, n_refs, *share) for share in self.shares]
+            parts = [self._share(cur, refs, *share) for share in self.shares]
         else:
-            parts = list(pool.map(lambda share: self._share(cur, n_refs, *share), self.shares))
+            parts = list(pool.map(lambda share: self._share(cur, refs, *share), self.shares))
         total = parts[0]
         for part in parts[1:]:
             total.merge(part)
         return total
 
-    def _share(self, cur: list[np.ndarray], n_refs: int, tmp: _Scratch, slices) -> Stats:
-        """One thread's slices: element-wise quantities into ``tmp``, then reductions."""
-        per, regions = self.per, self.layout.regions
+    def _share(
+        self,
+        cur: list[np.ndarray],
+        refs: list[list[np.ndarray]],
+        tmp: _Scratch,
+        slices: list[tuple[int, int, int]],
+    ) -> Stats:
+        """One thread's slices ``(region, start, stop)``: the element-wise quantities into
+        ``tmp``, then their reductions into per-tensor statistics."""
+        per, regions, n_refs = self.per, self.layout.regions, len(refs)
         st = Stats.zeros(n_refs, per, len(self.layout.names))
-        # the rows to sum: the statistics of the references in use, then θ²
-        rows = slice(0, 2 * per + 1, 2) if n_refs == 1 else slice(2 * per * (n_refs == 0), None)
+        # the rows to sum: the statistics of the references in use, then θ² (the last row)
+        rows = {0: slice(2 * per, None), 1: slice(0, None, 2), 2: slice(None)}[n_refs]
         for g, lo, hi in slices:
-            k, off = hi - lo, self.offsets[g]
+            k = hi - lo
             c = cur[g][lo:hi]
-            tmp.fill(c, self.refs[:n_refs, off + lo : off + hi], self.atol, self.rtol, self.ps)
-            np.copyto(self.refs[1 if n_refs else slice(None), off + lo : off + hi], c)
+            tmp.fill(c, [r[g][lo:hi] for r in refs], self.atol, self.rtol, self.ps)
             idx, starts = regions[g]
             if starts is None:  # one tensor: float32 cascade sums, float64 accumulation
                 i = idx[0]
@@ -208,9 +217,8 @@ class _Pass:
                 st.sq[i] += s[-1]
                 if n_refs:
                     st.sums[:, :, i] += s[:-1].reshape(per, n_refs).T
-                    m = tmp.rows_t[:n_refs, :k].amax(1).numpy()
-                    st.linf[:, i] = np.maximum(st.linf[:, i], m)
                     for j in range(n_refs):
+                        st.linf[j, i] = np.maximum(st.linf[j, i], np.max(tmp.rows[j, :k]))
                         st.changed[j, i] += np.count_nonzero(tmp.mask[j, :k])
             else:  # a pack of small tensors: float64 segment sums
                 s = np.add.reduceat(tmp.rows[rows, :k], starts, axis=1, dtype=np.float64)
@@ -225,8 +233,9 @@ class _Pass:
 
 
 class _Scratch:
-    """The temporaries of one thread, allocated once: ``rows[2 * s + r]`` holds statistic
-    ``s`` (|d|, d², θ·θ_ref, |d|^p) against reference ``r``, the last row θ²."""
+    """The temporaries of one thread, allocated once. ``rows[2 * s + r]`` holds statistic
+    ``s`` (|d|, d², θ·θ_ref, then |d|^p for each p) against reference ``r``, the last row
+    θ²; ``thr`` the threshold of each reference and ``mask`` its changed entries."""
 
     def __init__(self, per: int):
         self.rows = np.empty((2 * per + 1, CHUNK), dtype=np.float32)
@@ -234,23 +243,26 @@ class _Scratch:
         self.thr = np.empty((2, CHUNK), dtype=np.float32)
         self.mask = np.empty((2, CHUNK), dtype=bool)
 
-    def fill(self, c: np.ndarray, refs: np.ndarray, atol: float, rtol: float, ps) -> None:
-        """Every element-wise quantity of slice ``c`` against ``refs`` (one row each)."""
-        n, k = refs.shape[0], c.size
+    def fill(
+        self, c: np.ndarray, refs: list[np.ndarray], atol: float, rtol: float, ps: list[float]
+    ) -> None:
+        """Every element-wise quantity of slice ``c`` against the same slice of ``refs``."""
+        n, k = len(refs), c.size
         rows = self.rows[:, :k]
         np.multiply(c, c, out=rows[-1])
         if not n:
             return
         a, d2, dot = (rows[2 * s : 2 * s + n] for s in range(3))
-        np.subtract(c, refs, out=a)
+        thr = self.thr[:n, :k]
+        for j, r in enumerate(refs):
+            np.subtract(c, r, out=a[j])
+            np.multiply(c, r, out=dot[j])
+            np.abs(r, out=thr[j])
         np.abs(a, out=a)
         np.multiply(a, a, out=d2)
-        np.multiply(c, refs, out=dot)
         for m, p in enumerate(ps):
             _abs_power(a, d2, p, out=rows[2 * (3 + m) : 2 * (3 + m) + n])
         # changed: |d| > atol + rtol * |θ_ref|, the threshold in float32
-        thr = self.thr[:n, :k]
-        np.abs(refs, out=thr)
         np.multiply(thr, rtol, out=thr)
         np.add(thr, atol, out=thr)
         np.greater(a, thr, out=self.mask[:n, :k])
@@ -306,13 +318,14 @@ def _table(
 
     for gran, names, members in levels:
         n_g = len(names)
-        # sums over the group's tensors by an indicator matrix; maxima group by group
-        ind = np.zeros((n_t, n_g))
-        for g, m in enumerate(members):
-            ind[m, g] = 1.0
-        g_sums = sums @ ind  # (checkpoint, reference, stat, group)
-        g_linf = np.stack([linf[..., m].max(-1) for m in members], axis=-1)
-        g_changed = np.stack([changed[..., m].sum(-1) for m in members], axis=-1)
+
+        def total(x: np.ndarray, reduce=np.sum, members=members) -> np.ndarray:
+            """``x`` (..., tensor) reduced over each group's tensors: (..., group)."""
+            return np.stack([reduce(x[..., m], axis=-1) for m in members], axis=-1)
+
+        g_sums = total(sums)  # (checkpoint, reference, stat, group)
+        g_linf = total(linf, np.max)
+        g_changed = total(changed)
         numel = np.array([layout.numel[m].sum() for m in members], dtype=np.int64)
         first = [m[0] for m in members]
         depth = layout.depth[first]
@@ -337,8 +350,8 @@ def _table(
             add(f"pow{p:g}", g_sums[:, :, 3 + m])
         add("linf", g_linf)
         add("changed", g_changed)
-        add("cur_sq", cur_sq @ ind)
-        add("ref_sq", ref_sq @ ind)
+        add("cur_sq", total(cur_sq))
+        add("ref_sq", total(ref_sq))
         cols["reference"] += [r for _ in range(n_k) for r in REFERENCES for _ in range(n_g)]
         cols["granularity"] += [gran] * (n_k * 2 * n_g)
         cols["name"] += list(names) * (n_k * 2)
@@ -409,23 +422,25 @@ def compare(
     walk = _Pass(layout, atol, rtol, ps, threads)
     points: list[tuple[Point, Point, Stats]] = []
     with _torch_threads(1), ThreadPoolExecutor(threads) as pool:
-        sq = walk.measure(_regions(first, layout), 0, pool).sq
+        init_regions = _regions(first, layout)
+        sq = walk.measure(init_regions, [], pool).sq
         init = prev = Point(first.epoch, first.step, first.epoch_end, sq)
+        prev_regions = init_regions
         del first
         for item in it:
             ck = item if isinstance(item, Checkpoint) else read_checkpoint(item)
             regions = _regions(ck, layout)
             if prev is init:  # the first comparison: both references are the init
-                st = walk.measure(regions, 1, pool)
+                st = walk.measure(regions, [init_regions], pool)
                 st.sums, st.linf, st.changed = (
                     np.concatenate([a, a]) for a in (st.sums, st.linf, st.changed)
                 )
             else:
-                st = walk.measure(regions, 2, pool)
+                st = walk.measure(regions, [init_regions, prev_regions], pool)
             cur = Point(ck.epoch, ck.step, ck.epoch_end, st.sq)
-            del ck, regions
+            del ck
             points.append((cur, prev, st))
-            prev = cur
+            prev, prev_regions = cur, regions
     if not points:
         raise CheckpointError("a run needs at least two checkpoints to measure distances")
     return _table(layout, init, points, ps)

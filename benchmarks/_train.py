@@ -1,0 +1,127 @@
+"""Shared by the training benchmarks: our training job against the seed studies' loop.
+
+Ours is :func:`paramdyn.train.train_run` on a prepared uint8 dataset file: the whole set
+held as one tensor, batches normalised as tensors, loss and accuracy read back once per
+epoch, checkpoints and resume snapshots written along the way, evaluation passes at
+epoch 0 and after every epoch. The baseline is how the seed studies trained: a
+``torchvision.datasets`` object read from its native files, a per-sample
+``transforms.Compose([ToTensor(), Normalize(...)])`` (one PIL image at a time), a
+``DataLoader(batch_size, shuffle=True, num_workers=0)``, ``loss.item()`` after every step,
+and a test-set evaluation after every epoch. Same model, init, optimizer, epochs and batch
+size; both with the same number of torch threads.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from paramdyn.config import DEFAULT_SCHEMA, RunSpec, load_studies
+from paramdyn.inits import initialise
+from paramdyn.models import build_model
+from paramdyn.train import OPTIMIZERS, train_run
+
+# the same threads for both sides; 1 is the workflow's default (train_threads)
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+
+
+def run_spec(
+    model: str, dataset: str, *, epochs: int, batch_size: int, eval_batch_size: int
+) -> RunSpec:
+    """The one run of a small in-memory study, validated like config.yaml."""
+    config = {
+        "run": "bench",
+        "studies": {
+            "bench": {
+                "models": [model],
+                "datasets": [dataset],
+                "inits": ["default"],
+                "optimizers": ["adam"],
+                "seeds": [0],
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "eval_batch_size": eval_batch_size,
+                "checkpoint": {"every_epochs": 1},
+            }
+        },
+    }
+    (spec,) = load_studies(config, DEFAULT_SCHEMA)["bench"].runs.values()
+    return spec
+
+
+def time_ours(spec: RunSpec, dataset_path: Path) -> float:
+    """Wall seconds of one training job, in a fresh run directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        train_run(spec, dataset_path, Path(tmp) / "run", device="cpu", threads=THREADS)
+        return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def _evaluate(model: torch.nn.Module, loader: DataLoader) -> tuple[float, float]:
+    model.eval()
+    loss, correct, n = 0.0, 0, 0
+    for x, y in loader:
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        n += len(y)
+    return loss / n, correct / n
+
+
+def time_baseline(
+    spec: RunSpec,
+    make_sets: callable,
+    batch_size: int,
+    eval_batch_size: int,
+    *,
+    eval_at_start: bool = False,
+) -> tuple[float, float]:
+    """Wall seconds of the seed-style loop (dataset objects built inside the timing), and
+    its final test accuracy. ``make_sets()`` returns the train and test datasets.
+    ``eval_at_start``: also evaluate the initial weights on both splits, as ours does (the
+    seed studies did not; for an equal-work comparison)."""
+    torch.set_num_threads(THREADS)
+    t0 = time.perf_counter()
+    train_set, test_set = make_sets()
+    assert isinstance(train_set, Dataset)
+    train = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=0)
+    test = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False, num_workers=0)
+    model = build_model(spec.model_name, spec.dataset, spec.model_settings)
+    initialise(model, spec.init_name or spec.init, spec.seed)
+    optimizer = OPTIMIZERS[spec.optimizer_name](model.parameters(), **spec.optimizer_settings)
+    torch.manual_seed(spec.seed)
+    acc = 0.0
+    if eval_at_start:
+        _evaluate(model, DataLoader(train_set, batch_size=eval_batch_size))
+        _evaluate(model, test)
+    for _ in range(spec.epochs):
+        model.train()
+        running = 0.0
+        for x, y in train:
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            running += loss.item()
+        _, acc = _evaluate(model, test)
+    return time.perf_counter() - t0, acc
+
+
+def interleaved(fns: dict[str, callable], rounds: int) -> dict[str, float]:
+    """The least time of each function over ``rounds`` rounds, one call of each per round
+    (load from other processes drifts, and then hits both alike); a first round warms up."""
+    best = {name: float("inf") for name in fns}
+    for i in range(rounds + 1):
+        for name, fn in fns.items():
+            t = fn()
+            if i:
+                best[name] = min(best[name], t)
+    return best
