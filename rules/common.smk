@@ -45,7 +45,7 @@ def run_paths(study, filename, runs=None):
 
 
 # per-run tables concatenated into one per study by rule aggregate
-RUN_TABLES = ("distances", "history", "gradients")
+RUN_TABLES = ("distances", "history", "gradients", "frozen")
 
 
 def branch_tables(wildcards):
@@ -77,6 +77,9 @@ def study_targets():
                 for name in ("init", "previous", "init_raw", "previous_raw", "average")
             ],
             f"results/{study}/figures/gradients_vs_depth.png",
+            f"results/{study}/frozen.parquet",
+            f"results/{study}/figures/frozen.png",
+            f"results/{study}/figures/change.png",
             f"results/{study}/accuracy.parquet",
             f"results/{study}/accuracy.md",
             f"results/{study}/figures/accuracy.png",

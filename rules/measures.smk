@@ -6,7 +6,8 @@ rule distances:
         run_json=f"{RUN_DIR}/run.json",
         checkpoints=f"{RUN_DIR}/checkpoints",
     output:
-        f"{RUN_DIR}/distances.parquet",
+        distances=f"{RUN_DIR}/distances.parquet",
+        frozen=f"{RUN_DIR}/frozen.parquet",
     log:
         "results/{study}/logs/distances/{run_id}.log",
     benchmark:

@@ -100,3 +100,32 @@ rule plot_history:
         code=code_hash("plots", "tables", "jobs"),
     script:
         "../scripts/plot_history.py"
+
+
+rule plot_dynamics:
+    input:
+        frozen="results/{study}/frozen.parquet",
+        distances="results/{study}/distances.parquet",
+    output:
+        frozen=report(
+            "results/{study}/figures/frozen.png",
+            caption="../report/frozen.rst",
+            category="{study}",
+            subcategory="dynamics",
+        ),
+        change=report(
+            "results/{study}/figures/change.png",
+            caption="../report/change.rst",
+            category="{study}",
+            subcategory="dynamics",
+        ),
+    log:
+        "results/{study}/logs/plot_dynamics.log",
+    benchmark:
+        "results/{study}/benchmarks/plot_dynamics.tsv"
+    conda:
+        ENV
+    params:
+        code=code_hash("plots", "tables", "jobs"),
+    script:
+        "../scripts/plot_dynamics.py"

@@ -93,7 +93,8 @@ def test_run_outputs(tiny):
     for run_id in RUNS:
         info = json.loads((study / "runs" / run_id / "run.json").read_text())
         assert info["run_id"] == run_id and info["status"] == "completed"
-        assert info["hparams"]["seed"] == int(run_id.split("_")[4][1:])
+        branch = run_id.endswith("_sign-flip")  # a branch trains with seed + 1000
+        assert info["hparams"]["seed"] == int(run_id.split("_")[4][1:]) + 1000 * branch
         assert info["hparams"]["model_settings"] == {"width": 4}
         ckpts = sorted((study / "runs" / run_id / "checkpoints").glob("step*.safetensors"))
         # 512 images / 128 = 4 steps per epoch: steps 0, 3, 4, 6, 8
@@ -155,7 +156,7 @@ def test_figures(tiny):
     figures = work / "results" / "tiny" / "figures"
     names = [f"distance_vs_depth_{n}" for n in ("init", "previous", "init_raw", "previous_raw")]
     names += ["distance_vs_depth_average", "accuracy", "loss", "gradients_vs_depth", "cka"]
-    names += ["feature_correlation", "perturbations"]
+    names += ["feature_correlation", "perturbations", "frozen", "change"]
     for name in names:
         png = figures / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -244,3 +245,16 @@ def test_report(tiny):
     html = (work / "report.html").read_text(errors="replace")
     for name in ("distance_vs_depth_init.png", "gradients_vs_depth.png", "cka.png"):
         assert name in html
+
+
+def test_frozen_shares(tiny):
+    work, _ = tiny
+    f = pq.read_table(work / "results" / "tiny" / "frozen.parquet").to_pandas()
+    model = f[f.granularity == "model"]
+    assert sorted(model.run_id) == sorted(RUNS)
+    for col in ("frac_changed_final", "frac_never_moved", "frac_never_reached", "change_rate"):
+        assert model[col].between(0, 1).all(), col
+    # SGD without weight decay: an entry no gradient ever reached never moved
+    assert (model.never_moved >= model.never_reached).all()
+    blocks = f[(f.granularity == "block") & (f.run_id == RUNS[0])]
+    assert blocks.numel.sum() == model[model.run_id == RUNS[0]].numel.iloc[0]

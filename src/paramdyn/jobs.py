@@ -84,12 +84,14 @@ def train(smk) -> None:
 
 def distances(smk) -> None:
     from .checkpoints import drop_step_checkpoints
-    from .measures import run_distances
+    from .measures import frozen_table, run_distances
 
     with _logged(smk) as log:
         info = json.loads(Path(smk.input.run_json).read_text())
-        df = run_distances(smk.input.checkpoints, info, smk.output[0])
+        df = run_distances(smk.input.checkpoints, info, smk.output.distances)
         log.info("%d rows for %s", len(df), info["run_id"])
+        masks = Path(smk.input.run_json).parent / "grad_reached.safetensors"
+        frozen_table(df, masks, info, smk.output.frozen)
         if not smk.params.keep_steps:
             dropped = drop_step_checkpoints(smk.input.checkpoints, smk.params.work_dir)
             log.info("dropped %d mid-epoch checkpoints (keep_steps: false)", dropped)
@@ -187,3 +189,11 @@ def plot_perturbations(smk) -> None:
 
     with _logged(smk):
         perturbation_bars(smk.input[0], smk.output[0])
+
+
+def plot_dynamics(smk) -> None:
+    from .plots import change_by_setting, frozen_shares
+
+    with _logged(smk):
+        frozen_shares(smk.input.frozen, smk.output.frozen)
+        change_by_setting(smk.input.distances, smk.output.change)

@@ -43,7 +43,7 @@ from . import tables
 from .checkpoints import Checkpoint, CheckpointError, list_checkpoints, read_checkpoint
 
 RUN_COLUMNS = ("run_id", "study", "model", "model_name", "shortcut", "dataset", "init",
-               "optimizer", "seed")  # fmt: skip
+               "optimizer", "seed", "perturbation")  # fmt: skip
 KEYS = ("epoch", "step", "epoch_end", "reference", "ref_epoch", "ref_step")
 REFERENCES = ("init", "previous")
 
@@ -454,9 +454,79 @@ def run_distances(
     m = hp.get("measures", {})
     atol, rtol, ps = m.get("atol", 1e-8), m.get("rtol", 1e-5), m.get("minkowski_p", [])
     df = compare(list_checkpoints(checkpoint_dir), atol=atol, rtol=rtol, minkowski_p=ps)
-    for i, c in enumerate(RUN_COLUMNS):
-        df.insert(i, c, hp[c] if c != "run_id" else run_info["run_id"])
+    _insert_run_columns(df, run_info)
     tables.write_parquet(
         df, out, {"run_id": run_info["run_id"], "atol": atol, "rtol": rtol, "minkowski_p": ps}
     )
     return df
+
+
+def _insert_run_columns(df: pd.DataFrame, run_info: dict[str, Any]) -> None:
+    hp = run_info["hparams"]
+    for i, c in enumerate(RUN_COLUMNS):
+        value = run_info["run_id"] if c == "run_id" else hp.get(c, "")
+        df.insert(i, c, pd.Series([value] * len(df), dtype="int64" if c == "seed" else object))
+    df["status"] = run_info.get("status", "completed")
+
+
+def frozen_table(
+    distances: pd.DataFrame, masks: Path | str | None, run_info: dict[str, Any], out: Path | str
+) -> pd.DataFrame:
+    """``frozen.parquet`` of a run: how much of the network never moved, per tensor, layer,
+    block and the whole ``model``.
+
+    - ``frac_changed_final``: the share of entries changed (``atol``/``rtol``) between the
+      init and the final checkpoint (from ``distances``);
+    - ``change_rate``: ‖θ_T − θ_0‖ / ‖θ_T‖, the ratio seed 002 plotted;
+    - ``frac_never_moved``: the share of entries equal to their initial value after every
+      step (exact; from the training's masks, ``gradients.track_reached``; else NaN);
+    - ``frac_never_reached``: the share of entries that never received a non-zero gradient
+      (exact zeros at every step; same masks)."""
+    hp = run_info["hparams"]
+    d = distances[(distances["reference"] == "init")]
+    final = d[d["step"] == d["step"].max()]
+    final = final[final["granularity"] != "layer"]
+    rows = final[["granularity", "name", "block", "depth", "numel", "changed", "l2", "norm"]].copy()
+    tensors = rows[rows["granularity"] == "tensor"]
+    whole = pd.DataFrame(
+        {
+            "granularity": ["model"], "name": ["model"], "block": [""], "depth": [-1],
+            "numel": [tensors["numel"].sum()], "changed": [tensors["changed"].sum()],
+            "l2": [np.sqrt((tensors["l2"] ** 2).sum())],
+            "norm": [np.sqrt((tensors["norm"] ** 2).sum())],
+        }
+    )  # fmt: skip
+    rows = pd.concat([rows, whole], ignore_index=True)
+    rows["frac_changed_final"] = rows["changed"] / rows["numel"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rows["change_rate"] = rows["l2"] / rows["norm"]
+    rows["never_moved"] = np.nan
+    rows["never_reached"] = np.nan
+    if masks is not None and Path(masks).exists():
+        from safetensors import safe_open
+
+        counts = {}
+        with safe_open(str(masks), framework="pt") as f:
+            for name in tensors["name"]:
+                moved = f.get_tensor(f"moved.{name}")
+                reached = f.get_tensor(f"reached.{name}")
+                counts[name] = (int((~moved).sum()), int((~reached).sum()))
+        t = tensors.assign(
+            never_moved=[counts[n][0] for n in tensors["name"]],
+            never_reached=[counts[n][1] for n in tensors["name"]],
+        )
+        by_block = t.groupby("block")[["never_moved", "never_reached"]].sum()
+        for col in ("never_moved", "never_reached"):
+            rows.loc[rows["granularity"] == "tensor", col] = rows["name"].map(
+                t.set_index("name")[col]
+            )
+            rows.loc[rows["granularity"] == "block", col] = rows["name"].map(by_block[col])
+            rows.loc[rows["granularity"] == "model", col] = t[col].sum()
+    rows["frac_never_moved"] = rows["never_moved"] / rows["numel"]
+    rows["frac_never_reached"] = rows["never_reached"] / rows["numel"]
+    rows = rows.drop(columns=["changed", "l2", "norm"])
+    _insert_run_columns(rows, run_info)
+    m = hp.get("measures", {})
+    tables.write_parquet(rows, out, {"run_id": run_info["run_id"], "atol": m.get("atol"),
+                                     "rtol": m.get("rtol")})  # fmt: skip
+    return rows

@@ -355,3 +355,73 @@ def distance_average(distances, out: Path | str, metric: str) -> None:
         y=1.04,
     )
     _save(g.figure, out)
+
+
+def frozen_shares(frozen, out: Path | str) -> None:
+    """For each model: the share of its parameters changed between the init and the end
+    (the study's tolerance), never moved from their initial value at any step, and never
+    reached by a non-zero gradient (the last two need ``gradients.track_reached``); one
+    panel per dataset and optimizer, bars per init, whiskers 95% CI over seeds."""
+    df = tables.read_parquet(frozen)
+    df = df[(df["granularity"] == "model") & (df["perturbation"].fillna("") == "")]
+    if df.empty:
+        _empty(out, "no runs")
+        return
+    long = df.melt(
+        id_vars=["model", "dataset", "optimizer", "init", "seed"],
+        value_vars=["frac_changed_final", "frac_never_moved", "frac_never_reached"],
+        var_name="share", value_name="value",
+    )  # fmt: skip
+    long["share"] = long["share"].map(
+        {
+            "frac_changed_final": "changed (tolerance)",
+            "frac_never_moved": "never moved",
+            "frac_never_reached": "never reached by a gradient",
+        }
+    )
+    long["panel"] = long["dataset"] + " / " + long["optimizer"] + " / " + long["init"]
+    sns.set_theme(style="whitegrid", context="paper")
+    g = sns.catplot(
+        data=long, x="model", y="value", hue="share", col="panel",
+        col_wrap=min(3, long["panel"].nunique()), kind="bar", errorbar=("ci", 95),
+        height=2.8, aspect=1.3,
+    )  # fmt: skip
+    g.set(ylim=(0, 1.02))
+    g.set_axis_labels("", "share of parameters")
+    g.set_titles("{col_name}")
+    for ax in g.axes.flat:
+        ax.tick_params(axis="x", rotation=30)
+    g.figure.suptitle("how much of each network moved (band: 95% CI over seeds)", y=1.03)
+    _save(g.figure, out)
+
+
+def change_by_setting(distances, out: Path | str) -> None:
+    """‖θ_k − θ_{k−1}‖ / ‖θ_{k−1}‖ of the whole network between consecutive epoch-end
+    checkpoints (seed 002's ‖θ5 − θ0‖, ‖θ10 − θ5‖, …), per model, dataset, init and
+    optimizer; band = 95% CI over seeds."""
+    df = tables.read_parquet(distances)
+    df = df[(df["granularity"] == "block") & (df["perturbation"].fillna("") == "")]
+    df = df[df["epoch_end"]].copy()
+    # against the previous checkpoint: the previous epoch end when the study saves no
+    # mid-epoch checkpoints (as seed 002: every 5 epochs)
+    df["l2sq"], df["refsq"] = df["l2"] ** 2, df["ref_norm"] ** 2
+    keys = ["run_id", "model", "dataset", "init", "optimizer", "seed", "epoch", "step",
+            "reference"]  # fmt: skip
+    whole = df.groupby(keys, as_index=False)[["l2sq", "refsq"]].sum()
+    whole = whole[whole["reference"] == "previous"]
+    if whole.empty:
+        _empty(out, "no epoch-end checkpoints")
+        return
+    whole["relative change"] = np.sqrt(whole["l2sq"] / whole["refsq"])
+    sns.set_theme(style="whitegrid", context="paper")
+    g = sns.relplot(
+        data=whole, x="epoch", y="relative change", hue="init", style="optimizer",
+        col="model", row="dataset", kind="line", errorbar=("ci", 95), marker="o",
+        height=2.4, aspect=1.3, facet_kws={"margin_titles": True, "sharey": False},
+    )  # fmt: skip
+    g.set_titles(row_template="{row_name}", col_template="{col_name}")
+    g.figure.suptitle(
+        "relative change of all parameters since the previous checkpoint "
+        "(band: 95% CI over seeds)", y=1.03,
+    )  # fmt: skip
+    _save(g.figure, out)

@@ -125,6 +125,11 @@ class GradientRecorder:
         self.reached = (
             [torch.zeros_like(q, dtype=torch.bool) for q in self.params] if track_reached else None
         )
+        # entries that ever left their initial value (exact, at every step)
+        self.moved = (
+            [torch.zeros_like(q, dtype=torch.bool) for q in self.params] if track_reached else None
+        )
+        self.initial = [q.detach().clone() for q in self.params] if track_reached else None
 
     @property
     def active(self) -> bool:
@@ -147,6 +152,12 @@ class GradientRecorder:
             ]
             self.pending.append((step, torch.stack([c.double() for c in cols], dim=1)))
 
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.moved is not None:
+            for m, q, q0 in zip(self.moved, self.params, self.initial, strict=True):
+                m.logical_or_(q != q0)
+
     def flush(self) -> None:
         for step, st in self.pending:
             self.steps.append(step)
@@ -160,9 +171,8 @@ class GradientRecorder:
             torch.stack(self.stats) if self.stats else torch.zeros(0, len(self.names), 5)
         ).double()
         if self.reached is not None:
-            out.update(
-                {f"reached.{n}": r.cpu() for n, r in zip(self.names, self.reached, strict=True)}
-            )
+            for n, r, m in zip(self.names, self.reached, self.moved, strict=True):
+                out[f"reached.{n}"], out[f"moved.{n}"] = r.cpu(), m.cpu()
         return out
 
     def load(self, t: dict[str, torch.Tensor]) -> None:
@@ -171,6 +181,7 @@ class GradientRecorder:
         if self.reached is not None:
             for i, n in enumerate(self.names):
                 self.reached[i].copy_(t[f"reached.{n}"])
+                self.moved[i].copy_(t[f"moved.{n}"])
 
     def table(self, layout: dict[str, tuple[str, int]], epoch_of) -> pd.DataFrame:
         """Rows per (step, tensor) and per (step, block), as in distances.parquet."""
@@ -458,6 +469,8 @@ def train_run(
             if grads.active:
                 grads.after_backward(p.step + 1)
             optimizer.step()
+            if grads.moved is not None:
+                grads.after_step()
             lr_sched.step()
             p.step, p.batch, seen = p.step + 1, i + 1, seen + y.shape[0]
             with torch.no_grad():
@@ -499,10 +512,16 @@ def train_run(
     grad_table = grads.table(model.block_of(), lambda s: s // steps_per_epoch)
     _write_run_table(grad_table, spec, p.status, work / "gradients.parquet")
     if grads.reached is not None:
+        masks = {f"reached.{n}": r for n, r in zip(grads.names, grads.reached, strict=True)}
+        masks.update({f"moved.{n}": m for n, m in zip(grads.names, grads.moved, strict=True)})
         checkpoints.write_safetensors(
-            {n: r for n, r in zip(grads.names, grads.reached, strict=True)},
+            masks,
             work / "grad_reached.safetensors",
-            {"run_id": spec.run_id, "meaning": "entry ever received a non-zero gradient"},
+            {
+                "run_id": spec.run_id,
+                "reached": "the entry received a non-zero gradient at some step",
+                "moved": "the entry differed from its initial value after some step",
+            },
         )
     return _finish(spec, p, work, run_dir, dev, threads, steps_per_epoch, total, t0)
 
