@@ -10,7 +10,8 @@ Reliability. A run trains in a work directory outside the rule's declared output
 that trains it:
 
 - a snapshot (model, optimizer, schedule, RNG and data-order state, the history so far) is
-  written atomically at every checkpoint, every epoch end and every ``snapshot_seconds``;
+  written atomically once ``snapshot_seconds`` have passed since the last one (looked at
+  after every step and epoch end; a short run may write none);
   a killed job started again continues from it and ends bitwise identical (on CPU) to an
   uninterrupted run;
 - when training is complete, the files are published (hard-linked) into the run directory;
@@ -444,7 +445,6 @@ def train_run(
         save(0)
         for split in ("train", "test"):
             record(0, split, *evaluate(model, data, split, spec.eval_batch_size))
-        snapshot()
 
     while p.epoch < spec.epochs and p.status == "running":
         epoch = p.epoch + 1
@@ -481,9 +481,7 @@ def train_run(
                 break
             if spec.checkpoint_every_steps and p.step % spec.checkpoint_every_steps == 0:
                 save(p.step)
-                sync(p, *acc)
-                snapshot()
-            elif time.monotonic() - last_snapshot >= snapshot_seconds:
+            if time.monotonic() - last_snapshot >= snapshot_seconds:
                 sync(p, *acc)
                 snapshot()
         if sync(p, *acc):
@@ -506,7 +504,8 @@ def train_run(
             epoch, spec.epochs, p.step, p.history[-2]["loss"], p.history[-2]["accuracy"],
             test_loss, test_acc, time.perf_counter() - t0,
         )  # fmt: skip
-        snapshot()
+        if time.monotonic() - last_snapshot >= snapshot_seconds:
+            snapshot()
     if p.status == "running":
         p.status = "completed"
     grad_table = grads.table(model.block_of(), lambda s: s // steps_per_epoch)
