@@ -54,6 +54,8 @@ class RunSpec:
     init_source: str | None = None  # '<study>/<run_id>' whose final weights start it
     perturbation: str = ""  # label of the perturbation of a branch ('' = not a branch)
     perturbation_options: dict[str, Any] | None = None  # name and options of that perturbation
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    compile: bool = False  # torch.compile the training forward
     gradients_every_steps: int | None = None
     track_grad_reached: bool = False
     measures: dict[str, Any] = field(default_factory=dict)
@@ -312,6 +314,8 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
             augment=s["augment"],
             checkpoint_every_epochs=every_epochs,
             checkpoint_every_steps=every_steps,
+            precision=s["precision"],
+            compile=s["compile"],
             gradients_every_steps=s["gradients"].get("every_steps"),
             track_grad_reached=s["gradients"]["track_reached"],
             measures=dict(s["measures"]),

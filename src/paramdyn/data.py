@@ -293,6 +293,12 @@ def prepare(name: str, data_dir: Path | str, out: Path | str) -> dict[str, objec
 # --- on the training device ----------------------------------------------------------------
 
 
+def torch_channels_last():
+    import torch
+
+    return torch.channels_last
+
+
 @dataclass
 class DeviceData:
     """A prepared dataset held whole on the training device as uint8."""
@@ -305,6 +311,7 @@ class DeviceData:
     std: object
     classes: int
     augment: bool
+    channels_last: bool = False  # batches in NHWC memory layout (for conv nets)
 
     @classmethod
     def load(cls, path: Path | str, device, normalize: bool | dict = True, augment: bool = False):
@@ -339,7 +346,8 @@ class DeviceData:
         return tuple(self.train_x.shape[1:])
 
     def _to_float(self, x):
-        return (x.float().div_(255.0) - self.mean) / self.std
+        x = (x.float().div_(255.0) - self.mean) / self.std
+        return x.contiguous(memory_format=torch_channels_last()) if self.channels_last else x
 
     def _augment(self, x, gen):
         import torch
