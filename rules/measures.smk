@@ -34,6 +34,9 @@ rule aggregate:
     conda:
         ENV
     params:
+        gradient_flags=lambda w: {
+            k: STUDIES[w.study].gradients[k] for k in ("vanish_below", "explode_above")
+        },
         code=code_hash("tables", "jobs"),
     script:
         "../scripts/aggregate.py"

@@ -217,8 +217,16 @@ def test_bad_config_stops_before_any_job(tmp_path):
 def test_perturbations_and_similarity(tiny):
     work, _ = tiny
     study = work / "results" / "tiny"
-    p = pq.read_table(study / "perturbations.parquet").to_pandas()
+    table = pq.read_table(study / "perturbations.parquet").to_pandas()
+    blocks = table[table.granularity == "block"]
+    p = table[table.granularity == "model"]
     assert sorted(p.run_id) == sorted(RUNS[4:])
+    # per block: the sign flip moved each block by 2‖θ1_block‖; the blocks add up
+    for run_id, b in blocks.groupby("run_id"):
+        assert len(b) == 10
+        whole = p[p.run_id == run_id].iloc[0]
+        assert (b.dist_theta1_theta2**2).sum() == pytest.approx(whole.dist_theta1_theta2**2)
+        assert b.numel.sum() == whole.numel
     assert (p.perturbation == "sign-flip").all()
     # the branch restarts from the source's final weights, negated: ‖θ_start − θ1‖ = 2‖θ1‖
     assert (p.dist_start_theta1 - 2 * p.norm_theta1).abs().max() < 1e-6 * p.norm_theta1.max()

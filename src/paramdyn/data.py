@@ -378,7 +378,12 @@ class DeviceData:
                 x = self._augment(x, gen)
             yield x, self.train_y[idx]
 
-    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[object, object]]:
+    def eval_batches(
+        self, split: str, batch_size: int, stride: int = 1
+    ) -> Iterator[tuple[object, object]]:
+        """The split in order, in batches; ``stride`` k takes every k-th image only."""
         xs, ys = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+        if stride > 1:
+            xs, ys = xs[::stride], ys[::stride]
         for i in range(0, xs.shape[0], batch_size):
             yield self._to_float(xs[i : i + batch_size]), ys[i : i + batch_size]

@@ -103,7 +103,8 @@ def aggregate(smk) -> None:
     with _logged(smk) as log:
         for name, out in smk.output.items():
             paths = list(smk.input[name])
-            df = concat(paths, out)
+            flags = smk.params.get("gradient_flags") if name == "gradients" else None
+            df = concat(paths, out, gradient_flags=flags)
             log.info("%s: %d rows from %d runs", name, len(df), len(paths))
 
 

@@ -380,10 +380,13 @@ def perturbation_summary(
 
 
 def branch_table(source_dir, branch_dir, out) -> Any:
-    """``perturbation.parquet`` of one perturb-and-retrain branch: one row with the
+    """``perturbation.parquet`` of one perturb-and-retrain branch: a ``model`` row with the
     :func:`perturbation_summary` norms of θ1 (the source run's final weights), θ_start (the
     branch's step 0: the perturbed weights) and θ2 (the branch's final weights), the test
-    accuracy before (the source run) and after (the branch), and the grid coordinates."""
+    accuracy before (the source run) and after (the branch), and the grid coordinates; then
+    one ``block`` row per building block with the same distances over that block's
+    parameters (``dist_theta1_theta2``, ``rel_dist_theta1_theta2``,
+    ``cosine_theta1_theta2``, ``dist_start_theta1``, ``dist_start_theta2``, ``numel``)."""
     import json
     from pathlib import Path
 
@@ -413,6 +416,32 @@ def branch_table(source_dir, branch_dir, out) -> Any:
         "best_accuracy_after": br["result"]["best_test_accuracy"],
         **summary,
     }
-    df = pd.DataFrame([row])
+    from .measures import compare
+
+    d = compare([theta1, start, theta2])
+    d = d[d["granularity"] == "block"]
+    vs1 = d[d["reference"] == "init"]
+    at_start = vs1[vs1["step"] == start.step].set_index("name")
+    at_end = vs1[vs1["step"] == theta2.step].set_index("name")
+    moved = d[(d["reference"] == "previous") & (d["step"] == theta2.step)].set_index("name")
+    blocks = pd.DataFrame(
+        {
+            "block": at_end.index,
+            "depth": at_end["depth"].to_numpy(),
+            "numel": at_end["numel"].to_numpy(),
+            "dist_theta1_theta2": at_end["l2"].to_numpy(),
+            "rel_dist_theta1_theta2": at_end["rel_l2"].to_numpy(),
+            "cosine_theta1_theta2": at_end["cosine"].to_numpy(),
+            "dist_start_theta1": at_start.loc[at_end.index, "l2"].to_numpy(),
+            "dist_start_theta2": moved.loc[at_end.index, "l2"].to_numpy(),
+        }
+    )
+    ids = ["run_id", "source_run", "perturbation", "perturbation_name", "study", "model",
+           "dataset", "init", "optimizer", "seed", "source_seed", "status"]  # fmt: skip
+    for i, k in enumerate(ids):
+        blocks.insert(i, k, row[k])
+    blocks.insert(len(ids), "granularity", "block")
+    model_row = pd.DataFrame([{**row, "granularity": "model", "block": "", "depth": -1}])
+    df = pd.concat([model_row, blocks], ignore_index=True)
     tables.write_parquet(df, out, {"options": hp["perturbation_options"]})
     return df

@@ -239,6 +239,8 @@ def perturbation_bars(perturbations, out: Path | str) -> None:
         if isinstance(perturbations, pd.DataFrame)
         else tables.read_parquet(perturbations)
     )
+    if "granularity" in df.columns:  # the whole-model rows (the table also has blocks)
+        df = df[df["granularity"] == "model"]
     if df.empty:
         _empty(out, "no perturbation results")
         return

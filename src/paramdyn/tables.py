@@ -47,9 +47,13 @@ def read_metadata(path: Path | str) -> dict[str, Any]:
     return json.loads(meta.get(META_KEY, b"{}"))
 
 
-def aggregate(paths: list[Path | str], out: Path | str) -> pd.DataFrame:
-    """Concatenate per-run tables into one; the metadata of the first is kept, with the list
-    of runs added."""
+def aggregate(
+    paths: list[Path | str], out: Path | str, gradient_flags: dict | None = None
+) -> pd.DataFrame:
+    """Concatenate per-run tables into one; the metadata of the first is kept, with the
+    number of runs added. ``gradient_flags`` ({"vanish_below", "explode_above"}): add the
+    boolean columns ``vanishing`` (grad_rms below) and ``exploding`` (grad_rms above, or
+    any NaN/Inf) to a gradients table, the thresholds going to the metadata."""
     if not paths:
         raise TableError(f"{out}: nothing to aggregate")
     frames = [read_parquet(p) for p in paths]
@@ -57,6 +61,11 @@ def aggregate(paths: list[Path | str], out: Path | str) -> pd.DataFrame:
     meta = read_metadata(paths[0])
     meta.pop("run_id", None)
     meta["runs"] = len(paths)
+    if gradient_flags is not None:
+        vanish, explode = gradient_flags["vanish_below"], gradient_flags["explode_above"]
+        df["vanishing"] = df["grad_rms"] < vanish
+        df["exploding"] = (df["grad_rms"] > explode) | (df["nans"] + df["infs"] > 0)
+        meta.update(vanish_below=vanish, explode_above=explode)
     write_parquet(df, out, meta)
     return df
 
