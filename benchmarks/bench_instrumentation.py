@@ -1,5 +1,5 @@
 """instrumentation: training time with gradient recording every step over training time
-without it, same run otherwise (ResNet-18 in CIFAR form, width 32, on 3x32x32 data).
+without it, same run otherwise (ResNet-18 in CIFAR form, width 16, on 3x32x32 data).
 
 Ours and the baseline are the same ``train_run``: one with ``gradients.every_steps: 1``
 (per-tensor L2 norm, max |g|, exact zeros, NaN and Inf counts of every gradient, kept on
@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 from paramdyn.config import DEFAULT_SCHEMA, load_studies
 from paramdyn.train import train_run
 
-N_TRAIN, N_TEST, EPOCHS, BATCH = 1024, 128, 2, 128
-ROUNDS = 3
+N_TRAIN, N_TEST, EPOCHS, BATCH = 512, 128, 2, 128
+ROUNDS = 2
 
 
 def spec(gradients: dict):
@@ -33,7 +33,7 @@ def spec(gradients: dict):
         "run": "bench",
         "studies": {
             "bench": {
-                "models": [{"name": "resnet18-cifar", "width": 32}],
+                "models": [{"name": "resnet18-cifar", "width": 16}],
                 "datasets": ["cifar10"],
                 "inits": ["kaiming-normal"],
                 "optimizers": [{"name": "sgd", "lr": 0.05}],

@@ -111,6 +111,13 @@ BAD = [
     ("studies/s/measures", {"tolerance": 0.1}, ["'tolerance' was unexpected", "atol", "rtol"]),
     ("studies/s/figures", {"metric": "l3"}, ["studies/s/figures/metric", "'l3' is not one of"]),
     ("run", ["t"], ["config key 'run'", "no study named 't'"]),
+    ("studies/s/perturbations", [{"name": "gaussian", "sigma": 1}],
+     ["studies/s/perturbations/0", "perturbation 'gaussian': unknown option 'sigma'", "scale"]),
+    ("studies/s/perturbations", [{"name": "rotate"}],
+     ["studies/s/perturbations/0", "'rotate'", "sign_flip"]),
+    ("studies/s/normalize", {"synthetic": {"mean": [0.5, 0.5], "std": [0.5, 0.5]}},
+     ["studies/s/normalize/synthetic", "give 1 value(s)"]),
+    ("studies/s/variants", {"demo": {"epoch": 1}}, ["variant", "'epoch' was unexpected"]),
     ("device", "tpu", ["config key 'device'", "'tpu' is not one of"]),
     ("studiez", {}, ["'studiez' was unexpected"]),
 ]  # fmt: skip
@@ -169,3 +176,12 @@ def test_offline_with_a_missing_preplaced_dataset(tmp_path):
 def test_model_setting_the_model_lacks():
     with pytest.raises(ConfigError, match="model 'lenet5' has no setting 'depth'"):
         _load(_with("studies/s/models/0", {"name": "lenet5", "depth": 8}))
+
+
+def test_variant_overrides_and_renames():
+    cfg = _with("studies/s/variants", {"quick": {"epochs": 1, "seeds": [5]}})
+    cfg["variant"] = "quick"
+    studies = _load(cfg)
+    assert list(studies) == ["s-quick"]
+    run = next(iter(studies["s-quick"].runs.values()))
+    assert (run.epochs, run.seed, run.study) == (1, 5, "s-quick")

@@ -431,21 +431,26 @@ def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) ->
 
 def _variant(config: dict[str, Any], name: str, schema) -> tuple[str, dict[str, Any]]:
     """The study ``name`` under the config's ``variant`` (when it defines that variant):
-    its keys overridden by the variant's, validated again, named ``<name>-<variant>``."""
-    import copy
-
+    its keys overridden by the variant's, validated again, named ``<name>-<variant>``.
+    Every variant of the study is checked, so a typo in one not chosen today shows now."""
     study = config["studies"][name]
     variant = config.get("variant", "default")
-    if variant == "default" or variant not in study.get("variants", {}):
+    merged = {v: _merge_variant(name, study, v, schema) for v in study.get("variants", {})}
+    if variant not in merged:
         return name, study
+    return f"{name}-{variant}", merged[variant]
+
+
+def _merge_variant(name: str, study: dict[str, Any], variant: str, schema) -> dict[str, Any]:
+    import copy
+
     merged = {**copy.deepcopy(study), **copy.deepcopy(study["variants"][variant])}
     merged.pop("variants")
-    new = f"{name}-{variant}"
     try:
-        validate_schema({"studies": {new: merged}}, schema)
+        validate_schema({"studies": {f"{name}-{variant}": merged}}, schema)
     except ConfigError as e:
         raise ConfigError(f"variant '{variant}' of study '{name}': {e}") from None
-    return new, merged
+    return merged
 
 
 def _check_sources(
