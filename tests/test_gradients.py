@@ -71,3 +71,21 @@ def test_reached_tracks_exact_zero_gradients():
     assert reached["0.weight"][0].all() and not reached["0.weight"][1].any()
     assert not reached["2.weight"][0, 1]  # the dead unit's outgoing weight sees input 0
     assert np.array_equal(reached["0.bias"].numpy(), [True, False])
+
+
+def test_no_records_keep_the_columns(tmp_path):
+    from paramdyn.tables import aggregate, write_parquet
+
+    model = build_model("lenet5", "synthetic")
+    empty = GradientRecorder(model, every=None, track_reached=False).table(model.block_of(), int)
+    recorded = GradientRecorder(model, every=1, track_reached=False)
+    _backward(model)
+    recorded.after_backward(1)
+    full = recorded.table(model.block_of(), lambda s: 0)
+    assert list(empty.columns) == list(full.columns) and empty.empty
+    write_parquet(empty, tmp_path / "a.parquet")
+    write_parquet(full, tmp_path / "b.parquet")
+    flags = {"vanish_below": 1e-7, "explode_above": 1e3}
+    df = aggregate([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "g.parquet", flags)
+    assert len(df) == len(full) and {"vanishing", "exploding"} <= set(df.columns)
+    assert df["step"].dtype == "int64" and not df["exploding"].any()

@@ -187,8 +187,15 @@ class GradientRecorder:
         """Rows per (step, tensor) and per (step, block), as in distances.parquet."""
         self.flush()
         cols = ["step", "epoch", "granularity", "name", "block", "depth", "numel", *GRAD_STATS]
-        if not self.steps:
-            return pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
+        if not self.steps:  # nothing recorded: the same columns, no rows
+            ints = ("step", "epoch", "depth", "numel", "zeros", "nans", "infs")
+            strs = ("granularity", "name", "block")
+            return pd.DataFrame(
+                {
+                    c: pd.Series(dtype="int64" if c in ints else object if c in strs else "float64")
+                    for c in (*cols, "grad_rms", "zero_frac")
+                }
+            )
         numel = np.array([q.numel() for q in self.params], dtype=np.int64)
         stats = torch.stack(self.stats).numpy()  # (steps, tensors, 5)
         m, n = stats.shape[:2]
