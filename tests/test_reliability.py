@@ -98,9 +98,14 @@ def _run_and_kill(spec_file, dataset, run_dir, after_checkpoints: int) -> bool:
     return False
 
 
-def test_resume_after_sigkill_is_bitwise_identical(dataset, reference, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_after_sigkill_is_bitwise_identical(dataset, reference, tmp_path, optimizer):
     ref_dir, _ = reference
     spec = make_spec()
+    if optimizer == "adam":  # its own uninterrupted reference
+        spec = make_spec(optimizers=[{"name": "adam", "lr": 0.002}])
+        ref_dir = tmp_path / "reference"
+        train_run(spec, dataset, ref_dir, device="cpu")
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(spec.to_json())
     run_dir = tmp_path / "killed"

@@ -43,14 +43,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, metada
     chunks, offset = [], 0
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy()  # the bytes, without a copy
         header[name] = {
             "dtype": _DTYPES[t.dtype],
             "shape": list(t.shape),
-            "data_offsets": [offset, offset + len(raw)],
+            "data_offsets": [offset, offset + raw.nbytes],
         }
         chunks.append(raw)
-        offset += len(raw)
+        offset += raw.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     tmp = path.with_name(path.name + ".tmp")
