@@ -22,7 +22,7 @@ rule download_dataset:
     params:
         data_dir=DATA_DIR,
         allow_download=config["download"],
-        code=code_hash("data", "jobs"),
+        code=code_hash("data", "jobs:download_dataset"),
     script:
         "../scripts/download_dataset.py"
 
@@ -41,6 +41,6 @@ rule prepare_dataset:
     params:
         data_dir=DATA_DIR,
         spec=lambda w: asdict(catalog.DATASETS[w.dataset]),
-        code=code_hash("data", "jobs"),
+        code=code_hash("data", "jobs:prepare_dataset"),
     script:
         "../scripts/prepare_dataset.py"

@@ -18,7 +18,7 @@ rule features:
     params:
         probe_size=lambda w: STUDIES[w.study].features["probe_size"],
         probe_seed=lambda w: STUDIES[w.study].features["probe_seed"],
-        code=code_hash("features", "models", "data", "checkpoints", "jobs"),
+        code=code_hash("features", "models", "data", "checkpoints", "jobs:features"),
     script:
         "../scripts/features.py"
 
@@ -37,7 +37,7 @@ rule similarity:
     params:
         pairs=lambda w: STUDIES[w.study].similarity_pairs,
         unbiased=lambda w: STUDIES[w.study].features["unbiased"],
-        code=code_hash("features", "tables", "jobs"),
+        code=code_hash("features", "tables", "jobs:similarity"),
     script:
         "../scripts/similarity.py"
 
@@ -56,7 +56,7 @@ rule perturbation:
     conda:
         ENV
     params:
-        code=code_hash("perturb", "checkpoints", "tables", "jobs"),
+        code=code_hash("perturb", "checkpoints", "tables", "jobs:perturbation"),
     script:
         "../scripts/perturbation.py"
 
@@ -85,7 +85,7 @@ rule plot_similarity:
     conda:
         ENV
     params:
-        code=code_hash("plots", "features", "tables", "jobs"),
+        code=code_hash("plots", "features", "tables", "jobs:plot_similarity"),
     script:
         "../scripts/plot_similarity.py"
 
@@ -107,6 +107,6 @@ rule plot_perturbations:
     conda:
         ENV
     params:
-        code=code_hash("plots", "tables", "jobs"),
+        code=code_hash("plots", "tables", "jobs:plot_perturbations"),
     script:
         "../scripts/plot_perturbations.py"

@@ -17,7 +17,7 @@ rule distances:
     params:
         keep_steps=lambda w: STUDIES[w.study].keep_step_checkpoints,
         work_dir="results/.work/{study}/{run_id}",
-        code=code_hash("measures", "checkpoints", "tables", "jobs"),
+        code=code_hash("measures", "checkpoints", "tables", "jobs:distances"),
     script:
         "../scripts/distances.py"
 
@@ -37,7 +37,7 @@ rule aggregate:
         gradient_flags=lambda w: {
             k: STUDIES[w.study].gradients[k] for k in ("vanish_below", "explode_above")
         },
-        code=code_hash("tables", "jobs"),
+        code=code_hash("tables", "jobs:aggregate"),
     script:
         "../scripts/aggregate.py"
 
@@ -54,6 +54,6 @@ rule aggregate_perturbations:
     conda:
         ENV
     params:
-        code=code_hash("tables", "jobs"),
+        code=code_hash("tables", "jobs:aggregate"),
     script:
         "../scripts/aggregate.py"

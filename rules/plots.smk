@@ -22,7 +22,7 @@ rule plot_distances:
         ENV
     params:
         metric=lambda w: STUDIES[w.study].figures["metric"],
-        code=code_hash("plots", "tables", "jobs"),
+        code=code_hash("plots", "tables", "jobs:plot_distances"),
     script:
         "../scripts/plot_distances.py"
 
@@ -46,7 +46,7 @@ rule plot_gradients:
     params:
         vanish=lambda w: STUDIES[w.study].gradients["vanish_below"],
         explode=lambda w: STUDIES[w.study].gradients["explode_above"],
-        code=code_hash("plots", "tables", "jobs"),
+        code=code_hash("plots", "tables", "jobs:plot_gradients"),
     script:
         "../scripts/plot_gradients.py"
 
@@ -69,7 +69,7 @@ rule accuracy_table:
     conda:
         ENV
     params:
-        code=code_hash("tables", "jobs"),
+        code=code_hash("tables", "jobs:accuracy_table"),
     script:
         "../scripts/accuracy_table.py"
 
@@ -97,7 +97,7 @@ rule plot_history:
     conda:
         ENV
     params:
-        code=code_hash("plots", "tables", "jobs"),
+        code=code_hash("plots", "tables", "jobs:plot_history"),
     script:
         "../scripts/plot_history.py"
 
@@ -126,6 +126,6 @@ rule plot_dynamics:
     conda:
         ENV
     params:
-        code=code_hash("plots", "tables", "jobs"),
+        code=code_hash("plots", "tables", "jobs:plot_dynamics"),
     script:
         "../scripts/plot_dynamics.py"

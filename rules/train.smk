@@ -25,7 +25,14 @@ rule train:
         # where the run trains (snapshots for resuming): outside the declared outputs
         work_dir="results/.work/{study}/{run_id}",
         code=code_hash(
-            "train", "data", "models", "inits", "checkpoints", "tables", "jobs"
+            "train",
+            "data",
+            "models",
+            "inits",
+            "perturb",
+            "checkpoints",
+            "tables",
+            "jobs:train",
         ),
     script:
         "../scripts/train.py"
