@@ -107,14 +107,24 @@ def save_checkpoint(
     return path
 
 
-def read_checkpoint(path: Path | str) -> Checkpoint:
-    path = Path(path)
+def read_safetensors(
+    path: Path | str, *, what: str, fix: str, error: type[Exception] | None = None
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Every tensor and the metadata of a safetensors file (the counterpart of
+    :func:`write_safetensors`); a truncated or corrupt file raises ``error`` (default
+    CheckpointError) naming the file, the ``what`` it should be and the ``fix``."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({e}); delete it and retrain") from e
+        raise (error or CheckpointError)(f"{path}: unreadable {what} ({e}); {fix}") from e
+    return meta, tensors
+
+
+def read_checkpoint(path: Path | str) -> Checkpoint:
+    path = Path(path)
+    meta, tensors = read_safetensors(path, what="checkpoint", fix="delete it and retrain")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a paramdyn checkpoint (format {meta.get('format')!r})")
     try:

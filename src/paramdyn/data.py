@@ -318,15 +318,13 @@ class DeviceData:
         """``normalize``: True (the training split's per-channel mean and std, from the
         file's metadata), False (pixels in [0, 1]) or {"mean": [...], "std": [...]}."""
         import torch
-        from safetensors import safe_open
 
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                t = {k: f.get_tensor(k).to(device) for k in f.keys()}  # noqa: SIM118
-        except Exception as e:
-            raise DatasetError(f"{path}: unreadable prepared dataset ({e}); delete it") from e
+        from .checkpoints import read_safetensors
+
+        meta, t = read_safetensors(
+            path, what="prepared dataset", fix="delete it", error=DatasetError
+        )
+        t = {k: v.to(device) for k, v in t.items()}
         c = t["train_x"].shape[1]
         if isinstance(normalize, dict):
             mean = torch.tensor(normalize["mean"], device=device, dtype=torch.float32)

@@ -168,15 +168,12 @@ def load_features(path: Path | str) -> tuple[Any, dict[str, Any]]:
     """Read a features file: (float32 tensor n x units, metadata). The metadata holds what
     was saved, plus ``indices`` (int64 tensor) when the file has the probe indices. Raises
     FeatureError naming the file when it is unreadable, truncated or not a features file."""
-    from safetensors import SafetensorError, safe_open
+    from .checkpoints import read_safetensors
 
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FeatureError(f"{path}: unreadable features file ({e}); delete it to rebuild") from e
+    header, tensors = read_safetensors(
+        path, what="features file", fix="delete it to rebuild", error=FeatureError
+    )
     if header.get("format") != FORMAT or "features" not in tensors:
         raise FeatureError(
             f"{path}: not a paramdyn features file (format {header.get('format')!r})"
