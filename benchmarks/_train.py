@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _bench import report
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from paramdyn.config import DEFAULT_SCHEMA, RunSpec, load_studies
@@ -127,3 +128,14 @@ def interleaved(fns: dict[str, callable], rounds: int) -> dict[str, float]:
             if i:
                 best[name] = min(best[name], t)
     return best
+
+
+def report_training(name: str, best: dict[str, float], images: int, baseline: str, note=""):
+    """Print the timings of ``interleaved`` (keys ours, baseline, equal_work) as images/s,
+    then the benchmark's ratio line."""
+    ours, base, eq = (images / best[k] for k in ("ours", "baseline", "equal_work"))
+    print(f"baseline ({baseline}): {best['baseline']:.2f} s, {base:,.1f} images/s{note}")
+    print(f"baseline + ours' epoch-0 evaluation of both splits (equal work): "
+          f"{best['equal_work']:.2f} s, {eq:,.1f} images/s; ours over it: {ours / eq:.2f}")  # fmt: skip
+    print(f"ours (paramdyn.train.train_run): {best['ours']:.2f} s, {ours:,.1f} images/s")
+    report(name, ours / base, "ours images/s over seed-style loop images/s")

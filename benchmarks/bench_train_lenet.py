@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _bench import report
-from _train import THREADS, interleaved, run_spec, time_baseline, time_ours
+from _train import THREADS, interleaved, report_training, run_spec, time_baseline, time_ours
 from safetensors import safe_open
 
 from paramdyn.data import prepare
@@ -81,16 +80,12 @@ def main() -> None:
         }
         best = interleaved(fns, ROUNDS)
     images = EPOCHS * len(train_set)
-    ours, base = images / best["ours"], images / best["baseline"]
     print(f"LeNet-5, mnist5k (4,000 train / 1,000 test), {EPOCHS} epochs, batch {BATCH}, "
           f"Adam, {THREADS} torch thread(s), best of {ROUNDS}")  # fmt: skip
-    print(f"baseline (torchvision MNIST + per-sample transforms + DataLoader): "
-          f"{best['baseline']:.2f} s, {base:,.0f} images/s (test accuracy {accs[-1]:.3f})")  # fmt: skip
-    eq = images / best["equal_work"]
-    print(f"baseline + ours' epoch-0 evaluation of both splits (equal work): "
-          f"{best['equal_work']:.2f} s, {eq:,.1f} images/s; ours over it: {ours / eq:.2f}")  # fmt: skip
-    print(f"ours (paramdyn.train.train_run): {best['ours']:.2f} s, {ours:,.0f} images/s")
-    report("train_lenet", ours / base, "ours images/s over seed-style loop images/s")
+    report_training(
+        "train_lenet", best, images, "torchvision MNIST + per-sample transforms + DataLoader",
+        f" (test accuracy {accs[-1]:.3f})",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import report
-from _train import THREADS, interleaved, run_spec, time_baseline, time_ours
+from _train import THREADS, interleaved, report_training, run_spec, time_baseline, time_ours
 from safetensors.torch import save_file
 
 N_TRAIN, N_TEST = 1024, 256
@@ -112,18 +111,13 @@ def main() -> None:
         }
         best = interleaved(fns, ROUNDS)
     images = EPOCHS * N_TRAIN
-    ours, base = images / best["ours"], images / best["baseline"]
     steps = EPOCHS * -(-N_TRAIN // BATCH)
     print(f"ResNet-18 (standard, residual), random CIFAR-size data ({N_TRAIN:,} train / "
           f"{N_TEST} test), {EPOCHS} epochs = {steps} steps of batch {BATCH}, Adam, "
           f"{THREADS} torch thread(s), best of {ROUNDS}")  # fmt: skip
-    print(f"baseline (torchvision CIFAR10 + per-sample transforms + DataLoader): "
-          f"{best['baseline']:.2f} s, {base:,.1f} images/s")  # fmt: skip
-    eq = images / best["equal_work"]
-    print(f"baseline + ours' epoch-0 evaluation of both splits (equal work): "
-          f"{best['equal_work']:.2f} s, {eq:,.1f} images/s; ours over it: {ours / eq:.2f}")  # fmt: skip
-    print(f"ours (paramdyn.train.train_run): {best['ours']:.2f} s, {ours:,.1f} images/s")
-    report("train_resnet18", ours / base, "ours images/s over seed-style loop images/s")
+    report_training(
+        "train_resnet18", best, images, "torchvision CIFAR10 + per-sample transforms + DataLoader"
+    )
 
 
 if __name__ == "__main__":

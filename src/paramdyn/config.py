@@ -94,7 +94,6 @@ class Study:
     runs: dict[str, RunSpec]  # run_id -> spec, in grid order
     datasets: tuple[str, ...]
     figures: dict[str, Any]
-    measures: dict[str, Any]
     keep_step_checkpoints: bool = True
     features: dict[str, Any] = field(default_factory=dict)
     gradients: dict[str, Any] = field(default_factory=dict)
@@ -246,7 +245,7 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
             "(the init and the final weights are always saved)"
         )
     if errors:
-        return Study(name, {}, (), {}, {})
+        return Study(name, {}, (), {})
 
     runs: dict[str, RunSpec] = {}
     for m, d, init, o, seed in itertools.product(
@@ -326,7 +325,6 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
         runs,
         tuple(s["datasets"]),
         dict(s["figures"]),
-        dict(s["measures"]),
         keep_step_checkpoints=ckpt.get("keep_steps", True),
         features=dict(s["features"]),
         gradients=dict(s["gradients"]),
@@ -475,7 +473,7 @@ def _check_sources(
                     src_study = resolved
                     run = dataclasses.replace(run, init_source=f"{resolved}/{src_run}")
                     study.runs[run_id] = run
-            source = studies.get(src_study, Study("", {}, (), {}, {})).runs.get(src_run)
+            source = studies.get(src_study, Study("", {}, (), {})).runs.get(src_run)
             if source is None:
                 errors.append(
                     f"config key 'studies/{study.name}/inits': from_run names no run "
