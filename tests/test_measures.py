@@ -225,7 +225,7 @@ def test_sliced_and_packed_tensors_match_float64(wide_run, threads):
     """Every measure, at every granularity, within 1e-6 of a float64 computation, whether
     the slices run on one thread or are shared between two."""
     path, states = wide_run
-    ps = [1.5, 3]
+    ps = [0.5, 1, 1.5, 2, 3, 4]  # every branch of the kernel's powers
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -294,3 +294,14 @@ def test_a_diverged_tensor_spoils_only_its_own_rows(wide_run):
     spoilt = last.l1.isna()
     assert set(last[spoilt].name) == {"c.bias", "c"}  # the tensor, its layer and its block
     assert last[spoilt].linf.isna().all() and not last[~spoilt].l1.isna().any()
+
+
+def test_an_infinite_entry_gives_infinite_distances(wide_run):
+    path, _ = wide_run
+    paths = list_checkpoints(path)
+    ck = read_checkpoint(paths[-1])
+    ck.tensors["a.weight"][5, 7] = float("inf")
+    df = compare([*paths[:-1], ck], minkowski_p=[3])
+    last = df[(df.step == 3) & (df.name == "a.weight")]
+    assert np.isinf(last.linf).all() and np.isinf(last.l1).all() and np.isinf(last.l2).all()
+    assert (last.changed >= 1).all()

@@ -7,18 +7,18 @@ one maximum (max |d|), so all of them come out of one pass over the data:
 
 - The checkpoints are read once each, in step order; three are held at a time (the init,
   the previous and the current one). Time is linear in the number of checkpoints.
-- The parameters are walked in slices of at most :data:`CHUNK` entries. From a slice of the
-  current checkpoint and the same slice of each reference, every statistic of both
-  references is taken while the slice is in the CPU cache: one subtraction per reference
-  gives d, and the rest derive from it and from θ. The temporaries are float32 and are
-  allocated once per run; nothing is cast to float64 element by element.
-- Sums within a slice run in float32 with torch's cascade summation (relative error about
-  1e-7); across slices they accumulate in float64. Tensors under :data:`SMALL` entries
-  (BatchNorm weights, biases) are packed, many to a slice; their per-tensor sums are
-  segment reductions in float64.
+- The parameters are walked in slices of at most :data:`CHUNK` entries, and each slice by
+  one call of a compiled kernel (:func:`_kernel`, numba) that reads the current slice and
+  the same slice of each reference once and takes every statistic of both references in
+  that one loop: d = θ - θ_ref once per entry, then |d|, d², θ·θ_ref, the powers, the
+  maximum and the changed count from it. Nothing is cast to float64 element by element.
+- Sums run in float32 over blocks of :data:`BLOCK` entries (vectorised into many partial
+  sums, relative error about 1e-7) and accumulate in float64 across blocks. Tensors under
+  :data:`SMALL` entries (BatchNorm weights, biases) are packed, many to a slice, and the
+  kernel keeps one set of sums per tensor.
 - The slices are shared out between torch's number of threads (``torch.get_num_threads``:
-  a job's threads), each with its own temporaries; numpy and torch release the GIL while
-  they compute.
+  a job's threads); the kernel releases the GIL. It is compiled on first use and cached
+  next to the module (numba's cache), so later jobs load it in well under a second.
 - Layer and block values are computed from the per-tensor sums (never averaged from
   ratios), so every granularity is exact. The table is built once, at the end.
 
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import pandas as pd
 import torch
@@ -47,7 +48,8 @@ RUN_COLUMNS = ("run_id", "study", "model", "model_name", "shortcut", "dataset", 
 KEYS = ("epoch", "step", "epoch_end", "reference", "ref_epoch", "ref_step")
 REFERENCES = ("init", "previous")
 
-CHUNK = 1 << 16  # entries of one slice (256 KiB of float32 per row of temporaries)
+CHUNK = 1 << 16  # entries of one slice: one kernel call, shared out between threads
+BLOCK = 512  # entries summed in float32 before they are added into float64
 SMALL = 1 << 12  # tensors with fewer entries are packed, many to a slice
 
 
@@ -165,19 +167,30 @@ class Stats:
 class _Pass:
     """One pass over a checkpoint against its references, slice by slice.
 
-    The slices of the layout's regions are shared out between ``threads`` threads, each
-    with its own temporaries (:class:`_Scratch`); each thread sums into its own
-    :class:`Stats`, merged at the end."""
+    The slices of the layout's regions are shared out between ``threads`` threads (the
+    kernel releases the GIL); each thread sums into its own :class:`Stats`, merged at the
+    end."""
 
     def __init__(self, layout: Layout, atol: float, rtol: float, ps: list[float], threads: int):
-        self.layout, self.atol, self.rtol, self.ps = layout, atol, rtol, ps
+        self.layout, self.ps = layout, np.asarray(ps, dtype=np.float64)
+        self.atol, self.rtol = np.float32(atol), np.float32(rtol)
         self.per = 3 + len(ps)
         sizes = [int(layout.numel[idx].sum()) for idx, _ in layout.regions]
         slices = [
             (g, lo, min(lo + CHUNK, n)) for g, n in enumerate(sizes) for lo in range(0, n, CHUNK)
         ]
+        # each slice's segments: bounds [0, k] and its tensor for a slice of one tensor, the
+        # tensors' starts and indices for a pack
+        self.segments = [
+            (np.array([0, hi - lo], dtype=np.int64), idx[:1].astype(np.int64))
+            if starts is None
+            else (np.append(starts, hi - lo).astype(np.int64), idx.astype(np.int64))
+            for g, lo, hi in slices
+            for idx, starts in [layout.regions[g]]
+        ]
         threads = max(1, min(threads, len(slices)))
-        self.shares = [(_Scratch(self.per), slices[w::threads]) for w in range(threads)]
+        numbered = [(i, *sl) for i, sl in enumerate(slices)]
+        self.shares = [numbered[w::threads] for w in range(threads)]
 
     def measure(
         self, cur: list[np.ndarray], refs: list[list[np.ndarray]], pool: Executor | None
@@ -185,9 +198,9 @@ class _Pass:
         """Σθ² of ``cur`` and its statistics against each of ``refs`` (none, one or two
         checkpoints, each a list of regions like ``cur``)."""
         if pool is None or len(self.shares) == 1:
-            parts = [self._share(cur, refs, *share) for share in self.shares]
+            parts = [self._share(cur, refs, share) for share in self.shares]
         else:
-            parts = list(pool.map(lambda share: self._share(cur, refs, *share), self.shares))
+            parts = list(pool.map(lambda share: self._share(cur, refs, share), self.shares))
         total = parts[0]
         for part in parts[1:]:
             total.merge(part)
@@ -197,89 +210,91 @@ class _Pass:
         self,
         cur: list[np.ndarray],
         refs: list[list[np.ndarray]],
-        tmp: _Scratch,
-        slices: list[tuple[int, int, int]],
+        slices: list[tuple[int, int, int, int]],
     ) -> Stats:
-        """One thread's slices ``(region, start, stop)``: the element-wise quantities into
-        ``tmp``, then their reductions into per-tensor statistics."""
-        per, regions, n_refs = self.per, self.layout.regions, len(refs)
-        st = Stats.zeros(n_refs, per, len(self.layout.names))
-        # the rows to sum: the statistics of the references in use, then θ² (the last row)
-        rows = {0: slice(2 * per, None), 1: slice(0, None, 2), 2: slice(None)}[n_refs]
-        for g, lo, hi in slices:
-            k = hi - lo
+        """One thread's slices ``(index, region, start, stop)``: the kernel's per-segment
+        statistics, added into per-tensor ones."""
+        n_refs = len(refs)
+        st = Stats.zeros(n_refs, self.per, len(self.layout.names))
+        buf = np.empty(BLOCK, dtype=np.float32)
+        for s, g, lo, hi in slices:
             c = cur[g][lo:hi]
-            tmp.fill(c, [r[g][lo:hi] for r in refs], self.atol, self.rtol, self.ps)
-            idx, starts = regions[g]
-            if starts is None:  # one tensor: float32 cascade sums, float64 accumulation
-                i = idx[0]
-                s = tmp.rows_t[rows, :k].sum(1).numpy().astype(np.float64)
-                st.sq[i] += s[-1]
-                if n_refs:
-                    st.sums[:, :, i] += s[:-1].reshape(per, n_refs).T
-                    for j in range(n_refs):
-                        st.linf[j, i] = np.maximum(st.linf[j, i], np.max(tmp.rows[j, :k]))
-                        st.changed[j, i] += np.count_nonzero(tmp.mask[j, :k])
-            else:  # a pack of small tensors: float64 segment sums
-                s = np.add.reduceat(tmp.rows[rows, :k], starts, axis=1, dtype=np.float64)
-                st.sq[idx] = s[-1]
-                if n_refs:
-                    st.sums[:, :, idx] = s[:-1].reshape(per, n_refs, -1).transpose(1, 0, 2)
-                    st.linf[:, idx] = np.maximum.reduceat(tmp.rows[:n_refs, :k], starts, axis=1)
-                    st.changed[:, idx] = np.add.reduceat(
-                        tmp.mask[:n_refs, :k], starts, axis=1, dtype=np.int64
-                    )
+            r0 = refs[0][g][lo:hi] if n_refs else c
+            r1 = refs[1][g][lo:hi] if n_refs > 1 else r0
+            bounds, tensors = self.segments[s]
+            _kernel(c, r0, r1, n_refs, bounds, tensors, self.atol, self.rtol, self.ps, buf,
+                    st.sq, st.sums, st.linf, st.changed)  # fmt: skip
         return st
 
 
-class _Scratch:
-    """The temporaries of one thread, allocated once. ``rows[2 * s + r]`` holds statistic
-    ``s`` (|d|, d², θ·θ_ref, then |d|^p for each p) against reference ``r``, the last row
-    θ²; ``thr`` the threshold of each reference and ``mask`` its changed entries."""
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def _kernel(c, r0, r1, n_refs, bounds, tensors, atol, rtol, ps, buf, sq, sums, linf, changed):
+    """The statistics of the segments ``c[bounds[s]:bounds[s + 1]]`` against the same
+    entries of ``r0`` and ``r1`` (the first ``n_refs`` of them), added into tensor
+    ``tensors[s]`` of the arrays of :class:`Stats`: Σθ² into ``sq``; per reference Σ|d|,
+    Σd², Σθ·θ_ref and Σ|d|^p for each p into ``sums``, max |d| into ``linf`` and the count of
+    |d| > atol + rtol·|θ_ref| into ``changed``.
 
-    def __init__(self, per: int):
-        self.rows = np.empty((2 * per + 1, CHUNK), dtype=np.float32)
-        self.rows_t = torch.from_numpy(self.rows)  # the same memory, for torch's reductions
-        self.thr = np.empty((2, CHUNK), dtype=np.float32)
-        self.mask = np.empty((2, CHUNK), dtype=bool)
-
-    def fill(
-        self, c: np.ndarray, refs: list[np.ndarray], atol: float, rtol: float, ps: list[float]
-    ) -> None:
-        """Every element-wise quantity of slice ``c`` against the same slice of ``refs``."""
-        n, k = len(refs), c.size
-        rows = self.rows[:, :k]
-        np.multiply(c, c, out=rows[-1])
-        if not n:
-            return
-        a, d2, dot = (rows[2 * s : 2 * s + n] for s in range(3))
-        thr = self.thr[:n, :k]
-        for j, r in enumerate(refs):
-            np.subtract(c, r, out=a[j])
-            np.multiply(c, r, out=dot[j])
-            np.abs(r, out=thr[j])
-        np.abs(a, out=a)
-        np.multiply(a, a, out=d2)
-        for m, p in enumerate(ps):
-            _abs_power(a, d2, p, out=rows[2 * (3 + m) : 2 * (3 + m) + n])
-        # changed: |d| > atol + rtol * |θ_ref|, the threshold in float32
-        np.multiply(thr, rtol, out=thr)
-        np.add(thr, atol, out=thr)
-        np.greater(a, thr, out=self.mask[:n, :k])
-
-
-def _abs_power(a: np.ndarray, a2: np.ndarray, p: float, out: np.ndarray) -> None:
-    """|d|^p from |d| and d²: products for p = 1 to 4, ``np.power`` otherwise."""
-    if p == 1:
-        np.copyto(out, a)
-    elif p == 2:
-        np.copyto(out, a2)
-    elif p == 3:
-        np.multiply(a2, a, out=out)
-    elif p == 4:
-        np.multiply(a2, a2, out=out)
-    else:
-        np.power(a, p, out=out)
+    One read of each array: a segment is walked in blocks of BLOCK entries; a block's sums
+    run in float32 (vectorised, many partial sums) and are added into float64. |d| of the
+    block goes to ``buf`` (in the cache) for the powers and the maximum, which is taken on
+    the bit patterns as integers: the same order for non-negative floats, and NaN sorts
+    above inf, so it propagates."""
+    n_p = ps.shape[0]
+    bits = buf.view(np.int32)
+    for s in range(bounds.shape[0] - 1):
+        t = tensors[s]
+        lo, hi = bounds[s], bounds[s + 1]
+        for b in range(lo, hi, BLOCK):
+            e = min(b + BLOCK, hi)
+            m = e - b
+            x = c[b:e]
+            acc = np.float32(0.0)
+            for i in range(m):
+                acc += x[i] * x[i]
+            sq[t] += acc
+            for j in range(n_refs):
+                y = r0[b:e] if j == 0 else r1[b:e]
+                l1 = np.float32(0.0)
+                l2 = np.float32(0.0)
+                dot = np.float32(0.0)
+                count = 0
+                for i in range(m):
+                    d = abs(x[i] - y[i])
+                    buf[i] = d
+                    l1 += d
+                    l2 += d * d
+                    dot += x[i] * y[i]
+                    count += d > atol + rtol * abs(y[i])
+                sums[j, 0, t] += l1
+                sums[j, 1, t] += l2
+                sums[j, 2, t] += dot
+                changed[j, t] += count
+                for q in range(n_p):
+                    p = ps[q]
+                    acc = np.float32(0.0)
+                    if p == 1.0:
+                        acc = l1
+                    elif p == 2.0:
+                        acc = l2
+                    elif p == 3.0:
+                        for i in range(m):
+                            acc += buf[i] * buf[i] * buf[i]
+                    elif p == 4.0:
+                        for i in range(m):
+                            acc += (buf[i] * buf[i]) * (buf[i] * buf[i])
+                    else:
+                        pf = np.float32(p)
+                        for i in range(m):
+                            acc += buf[i] ** pf
+                    sums[j, 3 + q, t] += acc
+                top = np.int32(0)
+                for i in range(m):
+                    top = max(top, bits[i])
+                bits[0] = top
+                v = np.float64(buf[0])
+                if v > linf[j, t] or v != v:
+                    linf[j, t] = v
 
 
 def _group(keys: list[str]) -> tuple[list[str], list[np.ndarray]]:
