@@ -8,7 +8,15 @@ epoch 0 and after every epoch. The baseline is how the seed studies trained: a
 ``transforms.Compose([ToTensor(), Normalize(...)])`` (one PIL image at a time), a
 ``DataLoader(batch_size, shuffle=True, num_workers=0)``, ``loss.item()`` after every step,
 and a test-set evaluation after every epoch. Same model, init, optimizer, epochs and batch
-size; both with the same number of torch threads.
+size; both with the same number of torch threads, on the same device.
+
+Environment: ``BENCH_THREADS`` (torch threads, default 1), ``BENCH_DEVICE`` (``cpu``, the
+default, or ``cuda``: ours keeps the data on the GPU, the baseline moves each batch there
+as the seed studies did), ``BENCH_PRECISION`` (``fp32``, the default, or ``bf16``: ours
+only; the baseline stays in fp32 as the seeds trained), ``BENCH_EPOCHS`` (default 2) and,
+for ``train_resnet18``, ``BENCH_TRAIN_IMAGES`` (default 1,024). On a GPU machine::
+
+    BENCH_DEVICE=cuda BENCH_PRECISION=bf16 BENCH_EPOCHS=5 BENCH_TRAIN_IMAGES=50000 make bench
 """
 
 from __future__ import annotations
@@ -30,6 +38,19 @@ from paramdyn.train import OPTIMIZERS, train_run
 
 # the same threads for both sides; 1 is the workflow's default (train_threads)
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")
+PRECISION = os.environ.get("BENCH_PRECISION", "fp32")
+EPOCHS = int(os.environ.get("BENCH_EPOCHS", "2"))
+
+
+def setting() -> str:
+    """How the benchmark runs, for its report."""
+    return f"{THREADS} torch thread(s), device {DEVICE}, ours in {PRECISION}"
+
+
+def _sync() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def run_spec(
@@ -49,6 +70,7 @@ def run_spec(
                 "batch_size": batch_size,
                 "eval_batch_size": eval_batch_size,
                 "checkpoint": {"every_epochs": 1},
+                "precision": PRECISION,
             }
         },
     }
@@ -59,8 +81,10 @@ def run_spec(
 def time_ours(spec: RunSpec, dataset_path: Path) -> float:
     """Wall seconds of one training job, in a fresh run directory."""
     with tempfile.TemporaryDirectory() as tmp:
+        _sync()
         t0 = time.perf_counter()
-        train_run(spec, dataset_path, Path(tmp) / "run", device="cpu", threads=THREADS)
+        train_run(spec, dataset_path, Path(tmp) / "run", device=DEVICE, threads=THREADS)
+        _sync()
         return time.perf_counter() - t0
 
 
@@ -69,6 +93,7 @@ def _evaluate(model: torch.nn.Module, loader: DataLoader) -> tuple[float, float]
     model.eval()
     loss, correct, n = 0.0, 0, 0
     for x, y in loader:
+        x, y = x.to(DEVICE), y.to(DEVICE)
         out = model(x)
         loss += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
@@ -89,6 +114,7 @@ def time_baseline(
     ``eval_at_start``: also evaluate the initial weights on both splits as ours does (every
     k-th training image; the seed studies did not; for an equal-work comparison)."""
     torch.set_num_threads(THREADS)
+    _sync()
     t0 = time.perf_counter()
     train_set, test_set = make_sets()
     assert isinstance(train_set, Dataset)
@@ -96,6 +122,7 @@ def time_baseline(
     test = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False, num_workers=0)
     model = build_model(spec.model_name, spec.dataset, spec.model_settings)
     initialise(model, spec.init_name or spec.init, spec.seed)
+    model.to(DEVICE)
     optimizer = OPTIMIZERS[spec.optimizer_name](model.parameters(), **spec.optimizer_settings)
     torch.manual_seed(spec.seed)
     acc = 0.0
@@ -108,6 +135,7 @@ def time_baseline(
         model.train()
         running = 0.0
         for x, y in train:
+            x, y = x.to(DEVICE), y.to(DEVICE)
             out = model(x)
             loss = F.cross_entropy(out, y)
             optimizer.zero_grad()
@@ -115,6 +143,7 @@ def time_baseline(
             optimizer.step()
             running += loss.item()
         _, acc = _evaluate(model, test)
+    _sync()
     return time.perf_counter() - t0, acc
 
 

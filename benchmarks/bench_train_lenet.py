@@ -18,12 +18,20 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _train import THREADS, interleaved, report_training, run_spec, time_baseline, time_ours
+from _train import (
+    EPOCHS,
+    interleaved,
+    report_training,
+    run_spec,
+    setting,
+    time_baseline,
+    time_ours,
+)
 from safetensors import safe_open
 
 from paramdyn.data import prepare
 
-EPOCHS, BATCH, EVAL_BATCH = 2, 128, 1000
+BATCH, EVAL_BATCH = 128, 1000
 ROUNDS = 3
 
 
@@ -81,7 +89,7 @@ def main() -> None:
         best = interleaved(fns, ROUNDS)
     images = EPOCHS * len(train_set)
     print(f"LeNet-5, mnist5k (4,000 train / 1,000 test), {EPOCHS} epochs, batch {BATCH}, "
-          f"Adam, {THREADS} torch thread(s), best of {ROUNDS}")  # fmt: skip
+          f"Adam, {setting()}, best of {ROUNDS}")  # fmt: skip
     report_training(
         "train_lenet", best, images, "torchvision MNIST + per-sample transforms + DataLoader",
         f" (test accuracy {accs[-1]:.3f})",

@@ -23,11 +23,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _train import THREADS, interleaved, report_training, run_spec, time_baseline, time_ours
+from _train import (
+    EPOCHS,
+    interleaved,
+    report_training,
+    run_spec,
+    setting,
+    time_baseline,
+    time_ours,
+)
 from safetensors.torch import save_file
 
-N_TRAIN, N_TEST = 1024, 256
-EPOCHS, BATCH, EVAL_BATCH = 2, 128, 256
+N_TRAIN = int(os.environ.get("BENCH_TRAIN_IMAGES", "1024"))
+N_TEST = max(1, N_TRAIN // 4)
+BATCH, EVAL_BATCH = 128, 256
 ROUNDS = 2
 
 
@@ -113,8 +122,8 @@ def main() -> None:
     images = EPOCHS * N_TRAIN
     steps = EPOCHS * -(-N_TRAIN // BATCH)
     print(f"ResNet-18 (standard, residual), random CIFAR-size data ({N_TRAIN:,} train / "
-          f"{N_TEST} test), {EPOCHS} epochs = {steps} steps of batch {BATCH}, Adam, "
-          f"{THREADS} torch thread(s), best of {ROUNDS}")  # fmt: skip
+          f"{N_TEST:,} test), {EPOCHS} epochs = {steps} steps of batch {BATCH}, Adam, "
+          f"{setting()}, best of {ROUNDS}")  # fmt: skip
     report_training(
         "train_resnet18", best, images, "torchvision CIFAR10 + per-sample transforms + DataLoader"
     )
