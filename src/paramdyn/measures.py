@@ -179,15 +179,14 @@ class _Pass:
         slices = [
             (g, lo, min(lo + CHUNK, n)) for g, n in enumerate(sizes) for lo in range(0, n, CHUNK)
         ]
-        # each slice's segments: bounds [0, k] and its tensor for a slice of one tensor, the
-        # tensors' starts and indices for a pack
+        # each slice's segments (bounds within the slice) and their tensors: one for a slice
+        # of one tensor, each tensor of a pack
         self.segments = [
-            (np.array([0, hi - lo], dtype=np.int64), idx[:1].astype(np.int64))
-            if starts is None
-            else (np.append(starts, hi - lo).astype(np.int64), idx.astype(np.int64))
+            (np.append([0] if starts is None else starts, hi - lo).astype(np.int64),
+             idx.astype(np.int64))
             for g, lo, hi in slices
             for idx, starts in [layout.regions[g]]
-        ]
+        ]  # fmt: skip
         threads = max(1, min(threads, len(slices)))
         numbered = [(i, *sl) for i, sl in enumerate(slices)]
         self.shares = [numbered[w::threads] for w in range(threads)]
