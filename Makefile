@@ -18,10 +18,13 @@ setup: $(STAMP)
 
 # The whole workflow on the embedded data: study `demo` and the four studies' demo variants.
 DEMO_STUDIES := [demo,depth,dynamics,gradients,cnn_vs_resnet]
+comma := ,
 demo: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete --config 'run=$(DEMO_STUDIES)' variant=demo
 	$(BIN)/snakemake --config 'run=$(DEMO_STUDIES)' variant=demo --report results/report.html
 	@echo "demo done: tables in results/<study>/*.parquet, figures in results/<study>/figures/, report in results/report.html"
+	@echo "findings (results/<study>/findings.md):"
+	@$(BIN)/paramdyn findings config.yaml --variant demo --run $(subst $(comma), ,$(patsubst [%],%,$(DEMO_STUDIES)))
 
 # Checkpoint storage each study of config.yaml will need, before anything runs.
 disk: $(STAMP)

@@ -69,12 +69,18 @@ def study_targets():
     targets = []
     for study in (s for s in STUDIES if STUDIES[s].target):
         targets += [
+            f"results/{study}/findings.parquet",
+            f"results/{study}/findings.md",
             f"results/{study}/distances.parquet",
             f"results/{study}/history.parquet",
             f"results/{study}/gradients.parquet",
             *[
                 f"results/{study}/figures/distance_vs_depth_{name}.png"
                 for name in ("init", "previous", "init_raw", "previous_raw", "average")
+            ],
+            *[
+                f"results/{study}/figures/distance_vs_step_{name}.png"
+                for name in ("init", "previous")
             ],
             f"results/{study}/figures/gradients_vs_depth.png",
             f"results/{study}/frozen.parquet",
@@ -94,6 +100,23 @@ def study_targets():
                 f"results/{study}/figures/perturbations.png",
             ]
     return targets
+
+
+# The report's menu sorts categories alphabetically; the leading no-break space puts the
+# findings before the studies' own categories.
+FINDINGS_CATEGORY = "\u00a0Findings"
+
+
+def findings_inputs(wildcards):
+    """The tables the study's claims read (catalog.CLAIM_TESTS), and history (the runs'
+    coordinates and accuracies, for the training check). A claim this variant cannot test
+    needs no table."""
+    study = STUDIES[wildcards.study]
+    names = {"history"}
+    for claim in study.claims:
+        if not claim["note"]:
+            names.update(catalog.CLAIM_TESTS[claim["test"]].tables)
+    return {name: f"results/{wildcards.study}/{name}.parquet" for name in sorted(names)}
 
 
 def download_marker(wildcards):

@@ -27,6 +27,33 @@ rule plot_distances:
         "../scripts/plot_distances.py"
 
 
+# The depth study's main figure: block distance against training step, one line per block.
+rule plot_distance_steps:
+    input:
+        "results/{study}/distances.parquet",
+    output:
+        **{
+            name: report(
+                f"results/{{study}}/figures/distance_vs_step_{name}.png",
+                caption=f"../report/distance_vs_step_{name}.rst",
+                category="{study}",
+                subcategory="distances",
+            )
+            for name in ("init", "previous")
+        },
+    log:
+        "results/{study}/logs/plot_distance_steps.log",
+    benchmark:
+        "results/{study}/benchmarks/plot_distance_steps.tsv"
+    conda:
+        ENV
+    params:
+        metric=lambda w: STUDIES[w.study].figures["metric"],
+        code=code_hash("plots", "tables", "jobs:plot_distance_steps"),
+    script:
+        "../scripts/plot_distance_steps.py"
+
+
 rule plot_gradients:
     input:
         "results/{study}/gradients.parquet",

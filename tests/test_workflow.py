@@ -38,6 +38,32 @@ TINY = {
             "gradients": {"every_steps": 2, "track_reached": True},
             "perturbations": [{"name": "sign_flip"}],
             "features": {"probe_size": 64, "unbiased": True},
+            "claims": [
+                {
+                    "id": "gap",
+                    "statement": "residual trains better",
+                    "test": "accuracy_gap",
+                    "params": {"a": {"shortcut": "residual"}, "b": {"shortcut": "plain"}},
+                    "threshold": 0,
+                    "expect": "above",
+                },
+                {
+                    "id": "trend",
+                    "statement": "input blocks move more",
+                    "test": "depth_trend",
+                    "params": {"by": ["shortcut"]},
+                    "threshold": 0,
+                    "expect": "below",
+                },
+                {
+                    "id": "flip",
+                    "statement": "a sign flip lands far away",
+                    "test": "perturbation_return",
+                    "params": {"branch": "sign-flip"},
+                    "threshold": 1,
+                    "expect": "above",
+                },
+            ],  # fmt: skip
         }
     },
 }
@@ -85,6 +111,7 @@ def test_dry_run_lists_the_grid(tmp_path):
     assert counts["train"] == 8 and counts["distances"] == 8 and counts["aggregate"] == 1
     assert counts["features"] == 8 and counts["perturbation"] == 4
     assert counts["prepare_dataset"] == 1 and counts["plot_distances"] == 1
+    assert counts["findings"] == 1
 
 
 def test_run_outputs(tiny):
@@ -253,6 +280,29 @@ def test_report(tiny):
     html = (work / "report.html").read_text(errors="replace")
     for name in ("distance_vs_depth_init.png", "gradients_vs_depth.png", "cka.png"):
         assert name in html
+    # the findings' category sorts first in the report's menu (a leading no-break space)
+    assert "findings.md" in html and "\\u00a0Findings" in html
+
+
+def test_findings(tiny):
+    work, _ = tiny
+    study = work / "results" / "tiny"
+    f = pq.read_table(study / "findings.parquet").to_pandas()
+    documented = ["study", "claim", "statement", "group", "statistic", "n_seeds", "ci_low",
+                  "ci_high", "threshold", "verdict"]  # fmt: skip
+    assert list(f.columns[: len(documented)]) == documented
+    claims = f[f.kind == "claim"]
+    assert list(dict.fromkeys(claims.claim)) == ["gap", "trend", "flip"]
+    assert sorted(claims[claims.claim == "trend"].group) == ["shortcut=plain", "shortcut=residual"]
+    assert (claims.n_seeds == 2).all() and claims.statistic.notna().all()
+    assert (claims.verdict == "inconclusive").all()  # 2 seeds: too few for a verdict
+    assert claims.ci_low.notna().all()  # but the interval is there
+    flip = claims[claims.claim == "flip"].iloc[0]
+    assert flip.statistic > 1  # θ2 is about −θ1 away: ‖θ1 − θ2‖ ≈ 2‖θ1‖
+    train = f[f.kind == "training"]
+    assert len(train) == 2 and (train.verdict == "unchecked").all()  # no min_accuracy
+    md = (study / "findings.md").read_text()
+    assert "| gap | residual trains better |" in md and "## Training check" in md
 
 
 def test_frozen_shares(tiny):

@@ -224,16 +224,36 @@ DATASETS: dict[str, DatasetSpec] = {
 
 # --- inits, optimizers, schedules --------------------------------------------------------
 
+# The layer kinds an init entry's `layers` may name (conv: Conv1d/2d/3d, linear: Linear,
+# norm: BatchNorm/GroupNorm/LayerNorm) and those whose bias `bias` may leave at PyTorch's
+# default. An init's `defaults` are the options its config entry may set.
+INIT_LAYER_KINDS = ("conv", "linear", "norm")
+INIT_BIAS_KINDS = ("conv", "linear")
+
 INITS: dict[str, NamedSpec] = {
     s.name: s
     for s in [
         NamedSpec("default", "PyTorch's own initialisation of each layer (seeded)"),
         NamedSpec(
-            "kaiming-uniform", "He uniform, fan_in, ReLU gain; biases 0; BN weight 1, bias 0"
+            "kaiming-uniform",
+            "He uniform, ReLU gain, mode fan_in; biases 0; BN weight 1, bias 0",
+            {"mode": "fan_in", "layers": list(INIT_LAYER_KINDS), "bias": "zero"},
         ),
-        NamedSpec("kaiming-normal", "He normal, fan_out, ReLU gain; biases 0; BN weight 1, bias 0"),
-        NamedSpec("xavier", "Glorot uniform; biases 0; BN weight 1, bias 0"),
-        NamedSpec("orthogonal", "orthogonal, ReLU gain; biases 0; BN weight 1, bias 0"),
+        NamedSpec(
+            "kaiming-normal",
+            "He normal, ReLU gain, mode fan_out; biases 0; BN weight 1, bias 0",
+            {"mode": "fan_out", "layers": list(INIT_LAYER_KINDS), "bias": "zero"},
+        ),
+        NamedSpec(
+            "xavier",
+            "Glorot uniform; biases 0; BN weight 1, bias 0",
+            {"layers": list(INIT_LAYER_KINDS), "bias": "zero"},
+        ),
+        NamedSpec(
+            "orthogonal",
+            "orthogonal, ReLU gain; biases 0; BN weight 1, bias 0",
+            {"layers": list(INIT_LAYER_KINDS), "bias": "zero"},
+        ),
         NamedSpec(
             "pretrained",
             "torchvision's ImageNet weights from the local torch hub cache "
@@ -273,3 +293,168 @@ SCHEDULES: dict[str, NamedSpec] = {
 def describe(registry: dict[str, Any]) -> str:
     """The names of a registry as one line, for error messages."""
     return ", ".join(sorted(registry))
+
+
+# --- claim tests -------------------------------------------------------------------------
+# The statistics a study's `claims` may test (paramdyn.findings computes them). Each test
+# computes one statistic per seed from the study's Parquet tables (`tables`: the rule
+# `findings` needs exactly those); its config entry's `params` are checked against
+# `params` here before any job starts.
+
+# Grid columns a claim may filter on (`where`, `a`, `b`) and group by (`by`).
+CLAIM_COLUMNS = ("model", "model_name", "shortcut", "dataset", "init", "optimizer", "perturbation")
+
+
+@dataclass(frozen=True)
+class ClaimParam:
+    # "filter" {column: value | [values]}, "columns" [column...], "choice", "string", "bool"
+    kind: str
+    doc: str
+    default: Any = None
+    required: bool = False
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClaimTestSpec:
+    name: str
+    statistic: str  # what the per-seed statistic is, for people
+    tables: tuple[str, ...]  # results/<study>/<table>.parquet it reads
+    params: dict[str, ClaimParam]
+
+
+_WHERE = ClaimParam("filter", "keep only the runs matching {column: value or [values]}", {})
+_BY = ClaimParam("columns", "one row (and verdict) per value of these grid columns", [])
+_A = ClaimParam("filter", "group A: {column: value or [values]}", required=True)
+_B = ClaimParam("filter", "group B: {column: value or [values]}", required=True)
+_EXCLUDE_ENDS = ClaimParam(
+    "bool", "leave out the stem (first depth) and the classifier (last depth)", True
+)
+
+CLAIM_TESTS: dict[str, ClaimTestSpec] = {
+    t.name: t
+    for t in [
+        ClaimTestSpec(
+            "depth_trend",
+            "least-squares slope of a block distance (divided by its mean over the run's "
+            "blocks) against relative depth (0 = first block, 1 = last): < 0 when blocks "
+            "near the input move more",
+            ("distances",),
+            {
+                "where": _WHERE,
+                "by": _BY,
+                "metric": ClaimParam(
+                    "choice", "distances column", "mean_abs",
+                    choices=("mean_abs", "rms", "l1", "l2", "linf", "rel_l2", "frac_changed"),
+                ),
+                "reference": ClaimParam(
+                    "choice", "distance from the init or from the previous checkpoint", "init",
+                    choices=("init", "previous"),
+                ),
+                "over": ClaimParam(
+                    "choice", "each block's value over the run's checkpoints: their median "
+                    "or mean, or the final checkpoint's", "median",
+                    choices=("median", "mean", "final"),
+                ),
+                "normalize": ClaimParam(
+                    "choice", "mean: divide by the run's mean over blocks (a relative slope); "
+                    "log: slope of log10; none: raw slope", "mean",
+                    choices=("mean", "log", "none"),
+                ),
+                "exclude_ends": _EXCLUDE_ENDS,
+            },
+        ),
+        ClaimTestSpec(
+            "accuracy_gap",
+            "test accuracy of group A minus group B (each the mean over its runs of a seed)",
+            ("history",),
+            {
+                "a": _A,
+                "b": _B,
+                "where": _WHERE,
+                "by": _BY,
+                "metric": ClaimParam(
+                    "choice", "best or final test accuracy of each run", "best",
+                    choices=("best", "final"),
+                ),
+            },
+        ),
+        ClaimTestSpec(
+            "share_unchanged",
+            "share of the whole network's entries: unchanged (|Δ| within the study's "
+            "tolerance, init to final), changed, never moved at any step, or never reached "
+            "by a non-zero gradient",
+            ("frozen",),
+            {
+                "where": _WHERE,
+                "by": _BY,
+                "measure": ClaimParam(
+                    "choice", "which share", "unchanged",
+                    choices=("unchanged", "changed", "never_moved", "never_reached"),
+                ),
+            },
+        ),
+        ClaimTestSpec(
+            "perturbation_return",
+            "a perturb-and-retrain branch's measure against its source run (‖θ1−θ2‖/‖θ1‖ by "
+            "default, or a feature similarity), minus (or over) the same measure of the "
+            "control branch of the same source run",
+            ("perturbations", "similarity"),
+            {
+                "branch": ClaimParam("string", "the perturbation's label", required=True),
+                "control": ClaimParam(
+                    "string", "the control perturbation's label (e.g. identity); none: the "
+                    "branch's measure itself",
+                ),
+                "measure": ClaimParam(
+                    "choice", "a perturbations.parquet column, or a similarity measure of "
+                    "the branch's features with its source's", "rel_dist_theta1_theta2",
+                    choices=("rel_dist_theta1_theta2", "dist_theta1_theta2",
+                             "cosine_theta1_theta2", "accuracy_after", "best_accuracy_after",
+                             "cka_linear", "cka_linear_unbiased", "matched_correlation",
+                             "procrustes"),
+                ),
+                "contrast": ClaimParam(
+                    "choice", "with a control: branch minus control, or branch over control",
+                    "difference", choices=("difference", "ratio"),
+                ),
+                "where": _WHERE,
+                "by": _BY,
+            },
+        ),
+        ClaimTestSpec(
+            "feature_correlation_gap",
+            "mean |off-diagonal correlation| of the penultimate features of group A's runs "
+            "minus group B's",
+            ("similarity", "history"),
+            {
+                "a": _A,
+                "b": _B,
+                "where": _WHERE,
+                "by": _BY,
+                "measure": ClaimParam(
+                    "choice", "a within-run similarity measure", "mean_abs_offdiag_corr",
+                    choices=("mean_abs_offdiag_corr", "effective_rank"),
+                ),
+            },
+        ),
+        ClaimTestSpec(
+            "gradient_ratio",
+            "log10 of the first block's gradient RMS over the last block's (mean over the "
+            "recorded steps), or the share of recorded steps with a block flagged vanishing "
+            "or exploding",
+            ("gradients",),
+            {
+                "where": _WHERE,
+                "by": _BY,
+                "measure": ClaimParam(
+                    "choice", "log10_ratio; ratio (10 to that power: the geometric mean); "
+                    "vanishing, exploding or flagged (either): share of steps",
+                    "log10_ratio",
+                    choices=("log10_ratio", "ratio", "vanishing", "exploding", "flagged"),
+                ),
+                "exclude_ends": _EXCLUDE_ENDS,
+            },
+        ),
+    ]
+}  # fmt: skip

@@ -20,6 +20,11 @@ DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schem
 
 
 MODEL_SETTINGS = ("width", "depth", "norm")  # keys of a model entry that change the model
+INIT_ENTRY_KEYS = ("name", "label", "run")  # keys of an init entry that are not init options
+
+# RunSpec fields added after runs were first keyed: left out of the run's JSON (its key)
+# while empty, so the runs of configs that do not use them keep their key and do not retrain
+_OMITTED_WHEN_EMPTY = ("init_options", "inputs")
 
 
 class ConfigError(ValueError):
@@ -59,9 +64,19 @@ class RunSpec:
     gradients_every_steps: int | None = None
     track_grad_reached: bool = False
     measures: dict[str, Any] = field(default_factory=dict)
+    # the init entry's options (mode, layers, bias) that differ from the init's defaults
+    # (catalog.INITS[init_name].defaults): {} = the plain init
+    init_options: dict[str, Any] = field(default_factory=dict)
+    # the dataset's input transform on the device, in pixel space before normalisation:
+    # {pad_to: side, channels: 3} (only what differs from the dataset); {} = as stored
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for k in _OMITTED_WHEN_EMPTY:
+            if not d[k]:
+                del d[k]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -69,6 +84,12 @@ class RunSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
         return cls(**d)
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(channels, side) of the images the model sees: the dataset's, after ``inputs``."""
+        ds = catalog.DATASETS[self.dataset]
+        return self.inputs.get("channels", ds.channels), self.inputs.get("pad_to", ds.size)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -99,6 +120,11 @@ class Study:
     gradients: dict[str, Any] = field(default_factory=dict)
     similarity_pairs: tuple[tuple[str, str, str], ...] = ()  # (run_a, run_b, kind)
     target: bool = True  # False: resolved only because another study starts from its runs
+    # the claims to test (rule findings): each {id, statement, test, params (defaults filled
+    # in), threshold, expect, note}; a note says why this variant cannot test the claim
+    claims: tuple[dict[str, Any], ...] = ()
+    min_accuracy: float | None = None  # training check: best test accuracy over seeds
+    expect_failure: tuple[str, ...] = ()  # model labels whose failure to train is studied
 
 
 def _schema_error(err: Any) -> str:
@@ -110,7 +136,17 @@ def _schema_error(err: Any) -> str:
     elif err.validator == "oneOf" and err.context:
         # an entry that is neither a name nor a valid mapping: report the deepest error of
         # the alternative that has the instance's type
-        relevant = [e for e in err.context if not (e.validator == "type" and not e.relative_path)]
+        wrong_type = {
+            e.relative_schema_path[0]
+            for e in err.context
+            if e.validator == "type" and not e.relative_path and e.relative_schema_path
+        }
+        relevant = [
+            e
+            for e in err.context
+            if not (e.validator == "type" and not e.relative_path)
+            and not (e.relative_schema_path and e.relative_schema_path[0] in wrong_type)
+        ]
         if relevant:
             return _schema_error(max(relevant, key=lambda e: len(e.absolute_path)))
     return f"config key '{where}': {msg}"
@@ -146,6 +182,85 @@ def _init_label(init: dict[str, Any]) -> str:
     return init["name"]
 
 
+def _init_options(key: str, it: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+    """The options of the init entry ``it`` (at config key ``key``) that differ from the
+    init's defaults (``catalog.INITS[name].defaults``), in one canonical form: ``layers`` in
+    the registry's order, a ``bias`` mapping whose kinds all agree as one word. So an entry
+    that spells out the defaults is the plain init (same run, same key)."""
+    name = it["name"]
+    allowed = catalog.INITS[name].defaults
+    given = {k: v for k, v in it.items() if k not in INIT_ENTRY_KEYS}
+    for k in given:
+        if k not in allowed:
+            kaiming = [n for n, x in catalog.INITS.items() if "mode" in x.defaults]
+            hint = f" ('mode' is for {', '.join(kaiming)} only)" if k == "mode" else ""
+            errors.append(
+                f"config key '{key}/{k}': init '{name}' has no option '{k}' (its options: "
+                f"{', '.join(allowed) or 'none'}){hint}. Remove the key."
+            )
+    out: dict[str, Any] = {}
+    if "mode" in given and "mode" in allowed and given["mode"] != allowed["mode"]:
+        out["mode"] = given["mode"]
+    layers = list(allowed.get("layers", []))
+    if "layers" in given and "layers" in allowed:
+        layers = [k for k in catalog.INIT_LAYER_KINDS if k in given["layers"]]
+        if layers != list(allowed["layers"]):
+            out["layers"] = layers
+    if "bias" in given and "bias" in allowed:
+        bias = given["bias"]
+        if isinstance(bias, dict):
+            for kind in bias:
+                if kind not in layers:
+                    errors.append(
+                        f"config key '{key}/bias/{kind}': init '{name}' does not touch {kind} "
+                        f"layers (layers: {', '.join(layers)}), so their biases keep PyTorch's "
+                        f"default anyway; remove '{kind}' here or add it to 'layers'"
+                    )
+            bias = {k: bias.get(k, "zero") for k in catalog.INIT_BIAS_KINDS}
+            if len(set(bias.values())) == 1:
+                bias = next(iter(bias.values()))
+        if bias != allowed["bias"]:
+            out["bias"] = bias
+    return out
+
+
+def _inputs(key: str, s: dict[str, Any], errors: list[str]) -> dict[str, dict[str, int]]:
+    """Per dataset of the study, its input transform (``inputs``) with the no-op keys left
+    out; problems go to ``errors``."""
+    out: dict[str, dict[str, int]] = {}
+    for d, t in (s.get("inputs") or {}).items():
+        where = f"{key}/inputs/{d}"
+        if d not in s["datasets"]:
+            errors.append(
+                f"config key '{where}': '{d}' is not among the study's datasets "
+                f"({', '.join(s['datasets'])}); remove the entry or fix the name"
+            )
+            continue
+        ds = catalog.DATASETS.get(d)
+        if ds is None:
+            continue  # reported as an unknown dataset
+        resolved = {}
+        pad_to = t.get("pad_to", ds.size)
+        if pad_to < ds.size:
+            errors.append(
+                f"config key '{where}/pad_to': {pad_to} is smaller than the {ds.size}x{ds.size} "
+                f"images of '{d}'; padding only grows an image: use at least {ds.size}"
+            )
+        elif pad_to != ds.size:
+            resolved["pad_to"] = pad_to
+        channels = t.get("channels", ds.channels)
+        if channels != ds.channels and ds.channels != 1:
+            errors.append(
+                f"config key '{where}/channels': '{d}' has {ds.channels} channels; an image "
+                f"is only repeated from 1 channel to 3: remove the key"
+            )
+        elif channels != ds.channels:
+            resolved["channels"] = channels
+        if resolved:
+            out[d] = resolved
+    return out
+
+
 def _check_name(kind: str, key: str, name: str, registry: dict[str, Any], errors: list[str]):
     if name not in registry:
         errors.append(
@@ -171,9 +286,12 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
     for i, d in enumerate(s["datasets"]):
         _check_name("dataset", f"{key}/datasets/{i}", d, catalog.DATASETS, errors)
     inits = [_entry(it) for it in s["inits"]]
+    init_options: list[dict[str, Any]] = []
     for i, it in enumerate(inits):
         if not _check_name("init", f"{key}/inits/{i}", it["name"], catalog.INITS, errors):
+            init_options.append({})
             continue
+        init_options.append(_init_options(f"{key}/inits/{i}", it, errors))
         if (it["name"] == "from_run") != ("run" in it):
             errors.append(
                 f"config key '{key}/inits/{i}': "
@@ -214,28 +332,43 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
                 "entry a distinct 'label' (it names the runs)"
             )
     init_labels = [_init_label(it) for it in inits]
-    if len(set(s["datasets"])) != len(s["datasets"]) or len(set(init_labels)) != len(inits):
-        errors.append(f"config key '{key}': a dataset or init is listed twice; list each once")
+    if len(set(s["datasets"])) != len(s["datasets"]):
+        errors.append(f"config key '{key}': a dataset is listed twice; list each once")
+    if len(set(init_labels)) != len(inits):
+        dup = sorted({x for x in init_labels if init_labels.count(x) > 1})
+        errors.append(
+            f"config key '{key}/inits': {', '.join(dup)} listed more than once; list each once, "
+            "or give each entry a distinct 'label' (it names the runs)"
+        )
     for i, m in enumerate(models):
         for it in m.get("inits", []):
-            if it not in {x["name"] for x in inits}:
+            if it not in {x["name"] for x in inits} | set(init_labels):
                 errors.append(
                     f"config key '{key}/models/{i}/inits': '{it}' is not among the study's "
-                    f"inits ({', '.join(x['name'] for x in inits)})"
+                    f"inits ({', '.join(init_labels)})"
                 )
+    inputs = _inputs(key, s, errors)
     if isinstance(s["normalize"], dict):
         for d in s["datasets"]:
+            norm = s["normalize"].get(d)
+            channels = inputs.get(d, {}).get("channels")
+            if channels is None and d in catalog.DATASETS:
+                channels = catalog.DATASETS[d].channels
             if d not in s["normalize"]:
                 errors.append(
-                    f"config key '{key}/normalize': no mean/std for dataset '{d}' (give one per "
-                    "dataset, or true for the training split's statistics)"
+                    f"config key '{key}/normalize': nothing for dataset '{d}' (give per dataset "
+                    "{mean, std}, true for the training split's statistics or false for pixels "
+                    "in [0, 1])"
                 )
-            elif d in catalog.DATASETS and any(
-                len(s["normalize"][d][k]) != catalog.DATASETS[d].channels for k in ("mean", "std")
+            elif (
+                isinstance(norm, dict)
+                and channels is not None
+                and any(len(norm[k]) != channels for k in ("mean", "std"))
             ):
+                after = f" (after inputs/{d}/channels)" if d in inputs else ""
                 errors.append(
-                    f"config key '{key}/normalize/{d}': give {catalog.DATASETS[d].channels} "
-                    "value(s) for mean and for std, one per channel"
+                    f"config key '{key}/normalize/{d}': give {channels} value(s) for mean and "
+                    f"for std, one per channel of the images{after}"
                 )
     ckpt = s.get("checkpoint") or {}
     every_epochs, every_steps = ckpt.get("every_epochs"), ckpt.get("every_steps")
@@ -248,12 +381,15 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
         return Study(name, {}, (), {})
 
     runs: dict[str, RunSpec] = {}
-    for m, d, init, o, seed in itertools.product(
-        models, s["datasets"], inits, optimizers, s["seeds"]
+    measures = dict(s["measures"])
+    if not measures.get("exclude", True):
+        del measures["exclude"]  # [] = the default: every parameter
+    for m, d, (init, options), o, seed in itertools.product(
+        models, s["datasets"], list(zip(inits, init_options, strict=True)), optimizers, s["seeds"]
     ):
-        if "inits" in m and init["name"] not in m["inits"]:
-            continue  # this model takes only some of the study's inits
         it = _init_label(init)
+        if "inits" in m and init["name"] not in m["inits"] and it not in m["inits"]:
+            continue  # this model takes only some of the study's inits
         source = init.get("run")
         if source is not None and "/" not in source:
             source = f"{name}/{source}"
@@ -317,7 +453,9 @@ def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
             compile=s["compile"],
             gradients_every_steps=s["gradients"].get("every_steps"),
             track_grad_reached=s["gradients"]["track_reached"],
-            measures=dict(s["measures"]),
+            measures=dict(measures),
+            init_options=options,
+            inputs=inputs.get(d, {}),
         )
     runs.update(_branches(key, runs, s, errors))
     return Study(
@@ -404,8 +542,10 @@ def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) ->
     studies = {}
     for name in selected:
         if name in config["studies"]:
-            name, study = _variant(config, name, schema)
-            studies[name] = _resolve_study(name, study, errors)
+            resolved, study = _variant(config, name, schema)
+            studies[resolved] = _with_claims(
+                _resolve_study(resolved, study, errors), study, config, name, errors
+            )
     _check_sources(config, studies, errors, schema)
     if not config["download"]:
         used = sorted({d for s in studies.values() for d in s.datasets})
@@ -489,6 +629,177 @@ def _check_sources(
                 errors.append(
                     f"config key 'studies/{study.name}/inits': {run.run_id} starts from itself"
                 )
+
+
+# --- claims ------------------------------------------------------------------------------
+
+
+def _run_value(run: RunSpec, column: str) -> str:
+    return getattr(run, column)
+
+
+def _matches(run: RunSpec, *filters: dict[str, Any]) -> bool:
+    """Whether ``run`` passes every filter ({column: value | [values]}); a run of a branch
+    passes only filters that name its perturbation (as the findings do)."""
+    merged: dict[str, set] = {}
+    for f in filters:
+        for k, v in f.items():
+            values = {str(x) for x in (v if isinstance(v, list) else [v])}
+            merged[k] = merged[k] & values if k in merged else values
+    if "perturbation" not in merged:
+        merged["perturbation"] = {""}
+    return all(_run_value(run, k) in v for k, v in merged.items())
+
+
+def _vocabulary(config: dict[str, Any], name: str) -> dict[str, set[str]]:
+    """Every value each claim column takes in study ``name`` or any of its variants: a
+    claim's filter value outside it is a typo; inside it but not in the chosen variant, the
+    claim is reported as not tested by that variant."""
+    base = {k: v for k, v in config["studies"][name].items() if k != "variants"}
+    forms = [base] + [{**base, **v} for v in config["studies"][name].get("variants", {}).values()]
+    vocab: dict[str, set[str]] = {c: set() for c in catalog.CLAIM_COLUMNS}
+    vocab["perturbation"].add("")
+    for s in forms:
+        for m in (_entry(x) for x in s.get("models", [])):
+            vocab["model"].add(m.get("label", m["name"]))
+            vocab["model_name"].add(m["name"])
+            if m["name"] in catalog.MODELS:
+                vocab["shortcut"].add(catalog.MODELS[m["name"]].shortcut)
+        vocab["dataset"].update(s.get("datasets", []))
+        vocab["init"].update(_init_label(_entry(x)) for x in s.get("inits", []))
+        vocab["optimizer"].update(
+            o.get("label", o["name"]) for o in (_entry(x) for x in s.get("optimizers", []))
+        )
+        vocab["perturbation"].update(
+            p.get("label", p["name"].replace("_", "-")) for p in s.get("perturbations", [])
+        )
+    return vocab
+
+
+def _check_param(where: str, p: catalog.ClaimParam, value: Any, vocab, errors: list[str]):
+    cols = ", ".join(catalog.CLAIM_COLUMNS)
+    if p.kind == "filter":
+        if not isinstance(value, dict):
+            errors.append(f"config key '{where}': give a mapping {{column: value or [values]}}")
+            return
+        for col, v in value.items():
+            if col not in catalog.CLAIM_COLUMNS:
+                errors.append(f"config key '{where}/{col}': unknown column; columns: {cols}")
+                continue
+            values = v if isinstance(v, list) else [v]
+            for x in values:
+                if not isinstance(x, str) or x not in vocab[col]:
+                    known = ", ".join(repr(k) for k in sorted(vocab[col]))
+                    errors.append(
+                        f"config key '{where}/{col}': {x!r} is no {col} of this study or its "
+                        f"variants ({known})"
+                    )
+    elif p.kind == "columns":
+        if not isinstance(value, list) or any(c not in catalog.CLAIM_COLUMNS for c in value):
+            errors.append(f"config key '{where}': give a list of columns among {cols}")
+    elif p.kind == "choice":
+        if value not in p.choices:
+            errors.append(f"config key '{where}': {value!r} is not one of {', '.join(p.choices)}")
+    elif p.kind == "bool":
+        if not isinstance(value, bool):
+            errors.append(f"config key '{where}': give true or false")
+    elif p.kind == "string" and value is not None and not isinstance(value, str):
+        errors.append(f"config key '{where}': give a string")
+
+
+def _with_claims(
+    study: Study, s: dict[str, Any], config: dict[str, Any], base: str, errors: list[str]
+) -> Study:
+    """``study`` with its claims validated against the registry of claim tests
+    (catalog.CLAIM_TESTS), their params completed with the defaults, and a note on each
+    claim that this variant's runs cannot test; plus min_accuracy and the models marked
+    expect_failure (neither is a hyper-parameter: no run id or RunSpec changes)."""
+    import dataclasses
+
+    key = f"studies/{study.name}/claims"
+    vocab = _vocabulary(config, base)
+    claims, ids = [], set()
+    for i, c in enumerate(s.get("claims", [])):
+        where, n_errors = f"{key}/{i}", len(errors)
+        if c["id"] in ids:
+            errors.append(f"config key '{where}/id': claim id '{c['id']}' is used twice")
+        ids.add(c["id"])
+        test = catalog.CLAIM_TESTS.get(c["test"])
+        if test is None:
+            errors.append(
+                f"config key '{where}/test': unknown claim test '{c['test']}'. Valid claim "
+                f"tests: {catalog.describe(catalog.CLAIM_TESTS)}"
+            )
+            continue
+        given = c.get("params") or {}
+        params = {}
+        for k in given:
+            if k not in test.params:
+                errors.append(
+                    f"config key '{where}/params/{k}': test '{test.name}' has no parameter "
+                    f"'{k}' (its parameters: {', '.join(test.params)})"
+                )
+        for k, p in test.params.items():
+            if k not in given:
+                if p.required:
+                    errors.append(
+                        f"config key '{where}/params': test '{test.name}' needs '{k}' ({p.doc})"
+                    )
+                params[k] = p.default
+                continue
+            _check_param(f"{where}/params/{k}", p, given[k], vocab, errors)
+            params[k] = given[k]
+        for k in ("branch", "control"):
+            if k in test.params and params.get(k) not in (None, *vocab["perturbation"]):
+                known = ", ".join(sorted(vocab["perturbation"] - {""})) or "none"
+                errors.append(
+                    f"config key '{where}/params/{k}': no perturbation labelled "
+                    f"'{params[k]}' in this study or its variants (labels: {known})"
+                )
+        if test.name == "gradient_ratio" and not s["gradients"].get("every_steps"):
+            errors.append(
+                f"config key '{where}': test gradient_ratio needs gradient records: set "
+                f"gradients.every_steps in study '{study.name}' (or override its claims)"
+            )
+        needs_masks = test.name == "share_unchanged" and params["measure"].startswith("never")
+        if needs_masks and not s["gradients"]["track_reached"]:
+            errors.append(
+                f"config key '{where}/params/measure': '{params['measure']}' needs "
+                f"gradients.track_reached: true in study '{study.name}'"
+            )
+        claims.append({
+            "id": c["id"], "statement": c["statement"], "test": test.name, "params": params,
+            "threshold": float(c["threshold"]), "expect": c["expect"],
+            "note": _untested(study, test.name, params) if len(errors) == n_errors else "",
+        })  # fmt: skip
+    models = [_entry(m) for m in s["models"]]
+    return dataclasses.replace(
+        study,
+        claims=tuple(claims),
+        min_accuracy=s.get("min_accuracy"),
+        expect_failure=tuple(m.get("label", m["name"]) for m in models if m.get("expect_failure")),
+    )
+
+
+def _untested(study: Study, test: str, params: dict[str, Any]) -> str:
+    """Why the runs of ``study`` cannot test a claim ('' when they can)."""
+    if not study.runs:
+        return ""
+    runs = list(study.runs.values())
+    where = params.get("where") or {}
+    if test == "perturbation_return":
+        for k in ("branch", "control"):
+            label = params.get(k)
+            if label is not None and not any(
+                _matches(r, where, {"perturbation": label}) for r in runs
+            ):
+                return f"{study.name} has no '{label}' branch matching {where or 'its runs'}"
+        return ""
+    for group in ("a", "b") if "a" in params else ("where",):
+        f = params.get(group) or {}
+        if not any(_matches(r, where, f) for r in runs):
+            return f"no run of {study.name} matches {({**where, **f}) or 'the claim'}"
+    return ""
 
 
 def missing_files(dataset: str, data_dir: Path | str) -> list[str]:

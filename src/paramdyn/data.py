@@ -314,9 +314,20 @@ class DeviceData:
     channels_last: bool = False  # batches in NHWC memory layout (for conv nets)
 
     @classmethod
-    def load(cls, path: Path | str, device, normalize: bool | dict = True, augment: bool = False):
+    def load(
+        cls,
+        path: Path | str,
+        device,
+        normalize: bool | dict = True,
+        augment: bool = False,
+        inputs: dict | None = None,
+    ):
         """``normalize``: True (the training split's per-channel mean and std, from the
-        file's metadata), False (pixels in [0, 1]) or {"mean": [...], "std": [...]}."""
+        file's metadata), False (pixels in [0, 1]) or {"mean": [...], "std": [...]}.
+        ``inputs`` ({pad_to, channels}, a RunSpec's): each image zero-padded (black) to
+        ``pad_to`` x ``pad_to``, centred, and repeated from 1 channel to ``channels``, once,
+        in uint8 pixel space, before normalisation; True then means the statistics of the
+        transformed images (the border counts), derived exactly from the metadata's."""
         import torch
 
         from .checkpoints import read_safetensors
@@ -325,13 +336,35 @@ class DeviceData:
             path, what="prepared dataset", fix="delete it", error=DatasetError
         )
         t = {k: v.to(device) for k, v in t.items()}
-        c = t["train_x"].shape[1]
+        inputs = inputs or {}
+        c0, side = t["train_x"].shape[1], t["train_x"].shape[-1]
+        c, pad_to = inputs.get("channels", c0), inputs.get("pad_to", side)
+        if pad_to < side or (c != c0 and c0 != 1):
+            raise DatasetError(
+                f"{path}: cannot transform {c0}x{side}x{side} images to {c}x{pad_to}x{pad_to} "
+                "(inputs only pad and repeat one channel)"
+            )
+        for k in ("train_x", "test_x"):
+            x = t[k]
+            if pad_to > side:
+                lo = (pad_to - side) // 2
+                x = torch.nn.functional.pad(x, (lo, pad_to - side - lo) * 2, value=0)
+            if c != c0:
+                x = x.expand(-1, c, -1, -1)  # a view: the channels share their memory
+            t[k] = x
         if isinstance(normalize, dict):
             mean = torch.tensor(normalize["mean"], device=device, dtype=torch.float32)
             std = torch.tensor(normalize["std"], device=device, dtype=torch.float32)
         elif normalize:
-            mean = torch.tensor(json.loads(meta["mean"]), device=device)
-            std = torch.tensor(json.loads(meta["std"]), device=device)
+            mean = torch.tensor(json.loads(meta["mean"]), dtype=torch.float64)
+            std = torch.tensor(json.loads(meta["std"]), dtype=torch.float64)
+            if pad_to > side:  # the border's zeros count: E[x] and E[x²] scale by the share
+                share = (side / pad_to) ** 2
+                padded = mean * share
+                std = ((std**2 + mean**2) * share - padded**2).clamp_min(0).sqrt()
+                mean = padded
+            mean = mean.float().expand(c).contiguous().to(device)
+            std = std.float().expand(c).contiguous().to(device)
         else:
             mean, std = torch.zeros(c, device=device), torch.ones(c, device=device)
         return cls(

@@ -108,22 +108,25 @@ def checkpoint_features(
     dataset: str,
     indices: Sequence[int] | np.ndarray,
     model_settings: Mapping[str, Any] | None = None,
-    normalize: bool = True,
+    normalize: bool | Mapping[str, Any] = True,
+    inputs: Mapping[str, Any] | None = None,
     batch_size: int = 1000,
     device: str = "cpu",
 ) -> Any:
     """The features of a checkpoint's model on the probe ``indices`` of a prepared dataset
-    (``results/datasets/<name>.safetensors``). ``normalize`` must be the run's."""
+    (``results/datasets/<name>.safetensors``). ``normalize`` and ``inputs`` must be the
+    run's."""
     from .checkpoints import load_into
     from .data import DeviceData
     from .models import build_model
     from .train import resolve_device
 
     dev = resolve_device(device)
-    model = build_model(model_name, dataset, dict(model_settings or {}))
+    inputs = dict(inputs or {})
+    model = build_model(model_name, dataset, dict(model_settings or {}), inputs)
     load_into(model, checkpoint)
     model.to(dev)
-    data = DeviceData.load(dataset_path, dev, normalize=normalize, augment=False)
+    data = DeviceData.load(dataset_path, dev, normalize=normalize, augment=False, inputs=inputs)
     return extract_features(model, probe_batches(data, indices, batch_size))
 
 
@@ -469,6 +472,7 @@ def run_features(run_dir, dataset_path, out, *, probe_size: int, probe_seed: int
         indices=indices,
         model_settings=hp["model_settings"],
         normalize=hp["normalize"],
+        inputs=hp.get("inputs", {}),
         device=device,
     )
     meta = {"run_id": info["run_id"], "status": info["status"], "probe_seed": probe_seed}

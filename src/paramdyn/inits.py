@@ -3,33 +3,91 @@ the seed: :func:`initialise` seeds torch's generator before touching any weight.
 
 ``pretrained`` reads torchvision's ImageNet weights from the local torch hub cache only
 (with ``torch.load(weights_only=True)``: no code runs from the file) and never downloads;
-``from_run`` starts from another run's final checkpoint, an explicit edge of the DAG."""
+``from_run`` starts from another run's final checkpoint, an explicit edge of the DAG.
+
+The layerwise inits (``kaiming-uniform``, ``kaiming-normal``, ``xavier``, ``orthogonal``)
+take options (a config's init entry; their defaults in ``catalog.INITS``): ``mode``
+(``fan_in`` | ``fan_out``, the kaiming inits only), ``layers`` (the layer kinds the init
+touches: ``conv``, ``linear``, ``norm``; the others keep PyTorch's seeded default) and
+``bias`` (``zero``, ``default`` or per kind ``{conv: ..., linear: ...}``)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+from . import catalog
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
 
 
-def _apply(weight_fn: Callable[[torch.Tensor], None]) -> Callable[[nn.Module], None]:
-    def init(model: nn.Module) -> None:
-        for m in model.modules():
-            if isinstance(m, _WEIGHTED):
-                weight_fn(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, _NORMS) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+def layer_kind(m: nn.Module) -> str | None:
+    """The kind of a layer an init's ``layers`` option names (``catalog.INIT_LAYER_KINDS``):
+    ``conv``, ``linear``, ``norm``, or None for every other module."""
+    if isinstance(m, _CONVS):
+        return "conv"
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if isinstance(m, _NORMS):
+        return "norm"
+    return None
 
-    return init
+
+WeightFn = Callable[[torch.Tensor, dict[str, Any]], None]
+
+# the weight initialisation of each layerwise init; the options are the init's resolved
+# options (``catalog.INITS[name].defaults`` updated with the config entry's)
+WEIGHT_INITS: dict[str, WeightFn] = {
+    "kaiming-uniform": lambda w, o: nn.init.kaiming_uniform_(
+        w, mode=o["mode"], nonlinearity="relu"
+    ),
+    "kaiming-normal": lambda w, o: nn.init.kaiming_normal_(w, mode=o["mode"], nonlinearity="relu"),
+    "xavier": lambda w, o: nn.init.xavier_uniform_(w),
+    "orthogonal": lambda w, o: nn.init.orthogonal_(w, gain=math.sqrt(2.0)),
+}
+
+
+def resolve_options(name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The init's options: its registry defaults updated with ``options``; ``bias`` as a
+    mapping {conv: zero|default, linear: zero|default}."""
+    o = {**catalog.INITS[name].defaults, **(options or {})}
+    if "bias" in o and not isinstance(o["bias"], dict):
+        o["bias"] = dict.fromkeys(catalog.INIT_BIAS_KINDS, o["bias"])
+    elif "bias" in o:
+        o["bias"] = {**dict.fromkeys(catalog.INIT_BIAS_KINDS, "zero"), **o["bias"]}
+    return o
+
+
+def _layerwise(name: str, model: nn.Module, options: dict[str, Any] | None) -> None:
+    """Init ``name`` on the layers of the kinds in its ``layers`` option: conv and linear
+    weights by the init, their biases zeroed (``bias: zero``) or kept (``default``), norm
+    layers weight 1, bias 0. When a layer kind is untouched or a bias is kept, every layer
+    first gets PyTorch's default from the seeded generator, so what the init leaves alone
+    is PyTorch's seeded default (and the init's draws come after it)."""
+    o = resolve_options(name, options)
+    layers, bias = set(o["layers"]), o["bias"]
+    if layers != set(catalog.INIT_LAYER_KINDS) or "default" in bias.values():
+        _default(model)
+    weight_fn = WEIGHT_INITS[name]
+    for m in model.modules():
+        kind = layer_kind(m)
+        if kind not in layers:
+            continue
+        if kind == "norm":
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+            continue
+        weight_fn(m.weight, o)
+        if m.bias is not None and bias[kind] == "zero":
+            nn.init.zeros_(m.bias)
 
 
 def _default(model: nn.Module) -> None:
@@ -38,16 +96,13 @@ def _default(model: nn.Module) -> None:
             m.reset_parameters()
 
 
+def _initializer(name: str) -> Callable[[nn.Module], None]:
+    return lambda model: _layerwise(name, model, None)
+
+
 INITIALIZERS: dict[str, Callable[[nn.Module], None]] = {
     "default": _default,
-    "kaiming-uniform": _apply(
-        lambda w: nn.init.kaiming_uniform_(w, mode="fan_in", nonlinearity="relu")
-    ),
-    "kaiming-normal": _apply(
-        lambda w: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
-    ),
-    "xavier": _apply(nn.init.xavier_uniform_),
-    "orthogonal": _apply(lambda w: nn.init.orthogonal_(w, gain=math.sqrt(2.0))),
+    **{name: _initializer(name) for name in WEIGHT_INITS},
 }
 
 
@@ -119,12 +174,15 @@ def initialise(
     name: str,
     seed: int,
     *,
+    options: dict[str, Any] | None = None,
     pretrained: str | None = None,
     source: Path | str | None = None,
 ) -> nn.Module:
     """Initialise ``model`` in place with init ``name`` from a generator seeded by ``seed``.
-    ``pretrained``: the torchvision architecture for init 'pretrained'; ``source``: the
-    checkpoint for init 'from_run'. Both start from PyTorch's default (seeded) for the head."""
+    ``options``: the init's options (``mode``, ``layers``, ``bias``; a RunSpec's
+    ``init_options``), for the layerwise inits. ``pretrained``: the torchvision
+    architecture for init 'pretrained'; ``source``: the checkpoint for init 'from_run'.
+    Both start from PyTorch's default (seeded) for the head."""
     torch.manual_seed(seed)
     with torch.no_grad():
         if name == "pretrained":
@@ -133,6 +191,8 @@ def initialise(
         elif name == "from_run":
             _default(model)
             load_from_run(model, source)
+        elif name in WEIGHT_INITS:
+            _layerwise(name, model, options)
         else:
             INITIALIZERS[name](model)
     return model

@@ -119,6 +119,15 @@ def plot_distances(smk) -> None:
         distance_average(smk.input[0], smk.output.average, metric)
 
 
+def plot_distance_steps(smk) -> None:
+    from .plots import distance_vs_step
+
+    with _logged(smk) as log:
+        for reference in ("init", "previous"):
+            distance_vs_step(smk.input[0], smk.output[reference], reference, smk.params.metric)
+            log.info("%s: %s (%s)", reference, smk.output[reference], smk.params.metric)
+
+
 def plot_gradients(smk) -> None:
     from .plots import gradient_vs_depth
 
@@ -198,3 +207,23 @@ def plot_dynamics(smk) -> None:
     with _logged(smk):
         frozen_shares(smk.input.frozen, smk.output.frozen)
         change_by_setting(smk.input.distances, smk.output.change)
+
+
+def findings(smk) -> None:
+    from .findings import findings as test_claims
+    from .findings import write_findings
+
+    with _logged(smk) as log:
+        study = smk.wildcards.study
+        paths = dict(smk.input.items())
+        df = test_claims(
+            smk.params.claims,
+            paths,
+            study=study,
+            models=smk.params.models,
+            min_accuracy=smk.params.min_accuracy,
+            expect_failure=smk.params.expect_failure,
+        )
+        write_findings(df, smk.output.parquet, smk.output.markdown, study)
+        for kind, rows in df.groupby("kind"):
+            log.info("%s: %s", kind, rows["verdict"].value_counts().to_dict())

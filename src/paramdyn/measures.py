@@ -23,11 +23,15 @@ one maximum (max |d|), so all of them come out of one pass over the data:
   ratios), so every granularity is exact. The table is built once, at the end.
 
 Only trainable parameters are measured. Buffers (BatchNorm running statistics, counters)
-stay in the checkpoints and are not parameters.
+stay in the checkpoints and are not parameters. A study's ``measures.exclude`` (glob
+patterns on the parameters' keys, fnmatch) leaves parameters out of the layer and block
+sums; they are still measured as tensor rows, with ``in_blocks`` false.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -42,6 +46,8 @@ import torch
 
 from . import tables
 from .checkpoints import Checkpoint, CheckpointError, list_checkpoints, read_checkpoint
+
+log = logging.getLogger("paramdyn.measures")
 
 RUN_COLUMNS = ("run_id", "study", "model", "model_name", "shortcut", "dataset", "init",
                "optimizer", "seed", "perturbation")  # fmt: skip
@@ -73,10 +79,20 @@ class Layout:
     block: list[str]
     depth: np.ndarray
     regions: list[tuple[np.ndarray, np.ndarray | None]]  # (tensor indices, starts or None)
+    in_blocks: np.ndarray  # bool per tensor: counted in its layer and block sums
 
     @classmethod
-    def from_checkpoint(cls, ck: Checkpoint) -> Layout:
+    def from_checkpoint(cls, ck: Checkpoint, exclude: Iterable[str] = ()) -> Layout:
+        """The layout of ``ck``'s parameters; those whose key matches a pattern of
+        ``exclude`` (fnmatch) are left out of the layer and block sums."""
         names = [k for k in ck.parameters if ck.tensors[k].numel() > 0]
+        exclude = list(exclude)
+        in_blocks = np.array(
+            [not any(fnmatch.fnmatchcase(k, pat) for pat in exclude) for k in names], dtype=bool
+        )
+        for pat in exclude:
+            if not any(fnmatch.fnmatchcase(k, pat) for k in names):
+                log.warning("%s: measures.exclude pattern %r matches no parameter", ck.path, pat)
         numel = np.array([ck.tensors[k].numel() for k in names], dtype=np.int64)
         block, depth = [], []
         for k in names:
@@ -104,7 +120,8 @@ class Layout:
                 close_pack()
             pack.append(i)
         close_pack()
-        return cls(names, numel, layer, block, np.array(depth, dtype=np.int64), regions)
+        depth = np.array(depth, dtype=np.int64)
+        return cls(names, numel, layer, block, depth, regions, in_blocks)
 
 
 @dataclass
@@ -296,12 +313,14 @@ def _kernel(c, r0, r1, n_refs, bounds, tensors, atol, rtol, ps, buf, sq, sums, l
                     linf[j, t] = v
 
 
-def _group(keys: list[str]) -> tuple[list[str], list[np.ndarray]]:
-    """The distinct keys in order of first appearance, and the tensor indices of each."""
-    order = list(dict.fromkeys(keys))
+def _group(keys: list[str], keep: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
+    """The distinct keys of the kept tensors in order of first appearance, and the kept
+    tensor indices of each."""
+    order = list(dict.fromkeys(g for g, k in zip(keys, keep, strict=True) if k))
     members: dict[str, list[int]] = {g: [] for g in order}
-    for i, g in enumerate(keys):
-        members[g].append(i)
+    for i, (g, k) in enumerate(zip(keys, keep, strict=True)):
+        if k:
+            members[g].append(i)
     return order, [np.array(members[g], dtype=np.intp) for g in order]
 
 
@@ -317,12 +336,12 @@ def _table(
     cur_sq = np.stack([[cur.sq, cur.sq] for cur, _, _ in points])
     ref_sq = np.stack([[init.sq, prev.sq] for _, prev, _ in points])
 
-    layers, layer_members = _group(layout.layer)
-    blocks, block_members = _group(layout.block)
+    layers, layer_members = _group(layout.layer, layout.in_blocks)
+    blocks, block_members = _group(layout.block, layout.in_blocks)
     levels = [
-        ("tensor", layout.names, [np.array([i]) for i in range(n_t)]),
-        ("layer", layers, layer_members),
-        ("block", blocks, block_members),
+        ("tensor", layout.names, [np.array([i]) for i in range(n_t)], layout.in_blocks),
+        ("layer", layers, layer_members, np.ones(len(layers), dtype=bool)),
+        ("block", blocks, block_members, np.ones(len(blocks), dtype=bool)),
     ]
     cols: dict[str, list[Any]] = {c: [] for c in (*KEYS, "granularity", "name", "block")}
     num: dict[str, list[np.ndarray]] = {}
@@ -330,8 +349,10 @@ def _table(
     def add(name: str, values: np.ndarray) -> None:
         num.setdefault(name, []).append(values.reshape(-1))
 
-    for gran, names, members in levels:
+    for gran, names, members, in_blocks in levels:
         n_g = len(names)
+        if not n_g:  # every tensor excluded from the sums
+            continue
 
         def total(x: np.ndarray, reduce=np.sum, members=members) -> np.ndarray:
             """``x`` (..., tensor) reduced over each group's tensors: (..., group)."""
@@ -356,6 +377,7 @@ def _table(
             v = v[:, None, None] if v.ndim == 1 else v[:, :, None]
             add(col, np.broadcast_to(v, shape))
         add("depth", np.broadcast_to(depth, shape))
+        add("in_blocks", np.broadcast_to(in_blocks, shape))
         add("numel", np.broadcast_to(numel, shape))
         add("l1", g_sums[:, :, 0])
         add("l2sq", g_sums[:, :, 1])
@@ -386,6 +408,7 @@ def _table(
             "name": cols["name"],
             "block": cols["block"],
             "depth": v["depth"].astype(np.int64),
+            "in_blocks": v["in_blocks"].astype(bool),
             "numel": numel,
             "l1": v["l1"],
             "l2": l2,
@@ -421,17 +444,20 @@ def compare(
     atol: float = 1e-8,
     rtol: float = 1e-5,
     minkowski_p: list[float] | None = None,
+    exclude: Iterable[str] = (),
 ) -> pd.DataFrame:
     """Distances of every checkpoint after the first against the first ('init') and against
     the one before it ('previous'), at tensor, layer and block granularity.
 
     ``checkpoints`` are in step order: :class:`Checkpoint` objects or paths (read one at a
-    time). Returns one row per (checkpoint, reference, granularity, name)."""
+    time). ``exclude``: glob patterns (fnmatch) on parameter keys left out of the layer and
+    block rows (their tensor rows stay, ``in_blocks`` false). Returns one row per
+    (checkpoint, reference, granularity, name)."""
     ps = [float(p) for p in (minkowski_p or [])]
     it = iter(checkpoints)
     first = next(it)
     first = first if isinstance(first, Checkpoint) else read_checkpoint(first)
-    layout = Layout.from_checkpoint(first)
+    layout = Layout.from_checkpoint(first, exclude)
     threads = torch.get_num_threads()
     walk = _Pass(layout, atol, rtol, ps, threads)
     points: list[tuple[Point, Point, Stats]] = []
@@ -467,11 +493,13 @@ def run_distances(
     hp = run_info["hparams"]
     m = hp.get("measures", {})
     atol, rtol, ps = m.get("atol", 1e-8), m.get("rtol", 1e-5), m.get("minkowski_p", [])
-    df = compare(list_checkpoints(checkpoint_dir), atol=atol, rtol=rtol, minkowski_p=ps)
-    _insert_run_columns(df, run_info)
-    tables.write_parquet(
-        df, out, {"run_id": run_info["run_id"], "atol": atol, "rtol": rtol, "minkowski_p": ps}
+    exclude = m.get("exclude", [])
+    df = compare(
+        list_checkpoints(checkpoint_dir), atol=atol, rtol=rtol, minkowski_p=ps, exclude=exclude
     )
+    _insert_run_columns(df, run_info)
+    meta = {"run_id": run_info["run_id"], "atol": atol, "rtol": rtol, "minkowski_p": ps}
+    tables.write_parquet(df, out, {**meta, "exclude": exclude} if exclude else meta)
     return df
 
 
@@ -495,7 +523,10 @@ def frozen_table(
     - ``frac_never_moved``: the share of entries equal to their initial value after every
       step (exact; from the training's masks, ``gradients.track_reached``; else NaN);
     - ``frac_never_reached``: the share of entries that never received a non-zero gradient
-      (exact zeros at every step; same masks)."""
+      (exact zeros at every step; same masks).
+
+    Block rows cover the tensors their distances rows cover (``measures.exclude`` left out);
+    the ``model`` row counts every parameter."""
     hp = run_info["hparams"]
     d = distances[(distances["reference"] == "init")]
     final = d[d["step"] == d["step"].max()]
@@ -529,7 +560,12 @@ def frozen_table(
             never_moved=[counts[n][0] for n in tensors["name"]],
             never_reached=[counts[n][1] for n in tensors["name"]],
         )
-        by_block = t.groupby("block")[["never_moved", "never_reached"]].sum()
+        if "in_blocks" in final:  # block rows sum what the distances' block rows cover
+            kept = final[final["granularity"] == "tensor"].set_index("name")["in_blocks"]
+            in_blocks = t["name"].map(kept).astype(bool)
+        else:
+            in_blocks = pd.Series(True, index=t.index)
+        by_block = t[in_blocks].groupby("block")[["never_moved", "never_reached"]].sum()
         for col in ("never_moved", "never_reached"):
             rows.loc[rows["granularity"] == "tensor", col] = rows["name"].map(
                 t.set_index("name")[col]

@@ -39,7 +39,9 @@ class Classifier(nn.Module):
 
 
 class LeNet5(Classifier):
-    """LeNet-5 with ReLU and max-pooling; inputs smaller than 32x32 are zero-padded to 32."""
+    """LeNet-5 with ReLU and max-pooling; inputs smaller than 32x32 are zero-padded to 32
+    here, i.e. after normalisation (a border of the mean colour); a run's ``inputs:
+    {pad_to: 32}`` pads in pixel space instead (black), before normalisation."""
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int):
         super().__init__()
@@ -349,10 +351,17 @@ BUILDERS: dict[str, Builder] = {
 }
 
 
-def build_model(name: str, dataset: str, settings: dict[str, Any] | None = None) -> Classifier:
-    """Build registered model ``name`` for the channels, size and classes of ``dataset``."""
+def build_model(
+    name: str,
+    dataset: str,
+    settings: dict[str, Any] | None = None,
+    inputs: dict[str, Any] | None = None,
+) -> Classifier:
+    """Build registered model ``name`` for the channels, size and classes of ``dataset``,
+    after the input transform ``inputs`` ({pad_to, channels}: a RunSpec's ``inputs``, as
+    ``data.DeviceData`` applies it)."""
     spec = catalog.MODELS[name]
     ds = catalog.DATASETS[dataset]
-    return BUILDERS[spec.family](
-        ds.channels, ds.size, ds.classes, **{**spec.options, **(settings or {})}
-    )
+    inputs = inputs or {}
+    channels, size = inputs.get("channels", ds.channels), inputs.get("pad_to", ds.size)
+    return BUILDERS[spec.family](channels, size, ds.classes, **{**spec.options, **(settings or {})})

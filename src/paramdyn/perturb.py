@@ -34,8 +34,8 @@ Registry (:data:`PERTURBATIONS`), name: options (defaults):
   order, so the result depends on the seed only, not on the dict's order or the device.
 - ``reinit``: ``blocks`` (required: building-block names, e.g. ``["layer4.1", "fc"]``),
   ``init`` (default: the ``init`` argument of :func:`apply_perturbation`, i.e. the run's
-  own init), ``include_buffers`` (false). A fresh model is built
-  (``models.build_model``) and initialised (``inits.initialise`` with ``seed``); the chosen
+  own init, with its init options), ``include_buffers`` (false). A fresh model is built
+  (``models.build_model``, for the run's input shape) and initialised (``inits.initialise`` with ``seed``); the chosen
   blocks' parameters (a key belongs to block b when it starts with ``b + "."``) are copied
   from it. With ``include_buffers`` the blocks' buffers are reset too (fresh BatchNorm
   statistics: mean 0, variance 1, counter 0). Passing the run's own seed and init rewinds
@@ -212,10 +212,12 @@ def _reinit(state, keys, options, ctx):
     if init is None:
         raise _fail(name, "no init: set the option 'init' or pass the run's init")
     _check_option(name, "init", "init", init)
-    model = build_model(ctx["model_name"], ctx["dataset"], ctx["model_settings"])
+    # the run's own init takes the run's init options; another init its defaults
+    init_options = None if options["init"] else ctx["init_options"]
+    model = build_model(ctx["model_name"], ctx["dataset"], ctx["model_settings"], ctx["inputs"])
     known = model.block_names()
     validate_perturbation(name, options | {"init": init}, block_names=known)
-    initialise(model, init, ctx["seed"])
+    initialise(model, init, ctx["seed"], options=init_options)
     fresh = model.state_dict()
     if set(fresh) != set(state) or any(fresh[k].shape != state[k].shape for k in state):
         diff = sorted(set(fresh) ^ set(state)) or [
@@ -254,14 +256,16 @@ def apply_perturbation(
     dataset: str | None = None,
     model_settings: Mapping[str, Any] | None = None,
     init: str | None = None,
+    init_options: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Perturbation ``name`` of ``state_dict`` (tensors); returns a new state_dict.
 
     ``parameter_keys``: the trainable parameters (a checkpoint's ``parameters``); every
     other key is a buffer. ``seed`` seeds ``gaussian`` and ``reinit``. ``model_name``,
     ``dataset``, ``model_settings`` and ``init`` (the run's; the default of ``reinit``'s
-    option ``init``) are needed by ``reinit`` only. Raises ValueError naming the
-    perturbation and the problem."""
+    option ``init``; ``init_options`` and ``inputs`` the run's too) are needed by ``reinit``
+    only. Raises ValueError naming the perturbation and the problem."""
     resolved = validate_perturbation(name, options)
     keys = list(parameter_keys)
     missing = [k for k in keys if k not in state_dict]
@@ -277,6 +281,8 @@ def apply_perturbation(
         "dataset": dataset,
         "model_settings": dict(model_settings or {}),
         "init": init,
+        "init_options": dict(init_options or {}),
+        "inputs": dict(inputs or {}),
     }
     return PERTURBATIONS[name](state, frozenset(keys), resolved, ctx)
 
@@ -291,6 +297,8 @@ def perturb_checkpoint(
     dataset: str | None = None,
     model_settings: Mapping[str, Any] | None = None,
     init: str | None = None,
+    init_options: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Read a checkpoint (``checkpoints.read_checkpoint``) and perturb it. Returns the new
     state_dict and the checkpoint's parameter keys (load the state into a model built with
@@ -308,6 +316,8 @@ def perturb_checkpoint(
         dataset=dataset,
         model_settings=model_settings,
         init=init,
+        init_options=init_options,
+        inputs=inputs,
     )
     return state, list(ckpt.parameters)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from . import tables  # noqa: E402
@@ -37,11 +42,12 @@ def _save(fig, out: Path | str) -> None:
     tmp.replace(out)
 
 
-def _empty(out: Path | str, text: str) -> None:
+def _empty(out: Path | str, text: str):
     fig, ax = plt.subplots(figsize=(5, 2))
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center")
     _save(fig, out)
+    return fig
 
 
 def _epoch_checkpoints(df: pd.DataFrame) -> list[int]:
@@ -52,53 +58,154 @@ def _epoch_checkpoints(df: pd.DataFrame) -> list[int]:
     return steps
 
 
+# --- layout: every figure stays legible with one panel as with many --------------------------
+
+
+def _panel_size(panels: int) -> tuple[float, float]:
+    """(height, aspect) of one facet: larger when the grid has few panels."""
+    if panels <= 1:
+        return 3.2, 1.45
+    if panels <= 2:
+        return 2.8, 1.35
+    return 2.4, 1.25
+
+
+def _setting(df: pd.DataFrame, keys=("optimizer", "init", "dataset")) -> tuple[pd.Series, str]:
+    """The keys that vary, joined per row (for a facet; None when none varies), and the
+    constant ones joined (for the title)."""
+    varying = [k for k in keys if df[k].nunique() > 1]
+    constant = " / ".join(str(df[k].iloc[0]) for k in keys if k not in varying)
+    label = df[varying].astype(str).agg(" / ".join, axis=1) if varying else None
+    return label, constant
+
+
+def _wrap(text: str, width: int) -> str:
+    return textwrap.fill(text, max(width, 12), break_on_hyphens=False, break_long_words=False)
+
+
+def _axes_span(fig) -> tuple[float, float, float]:
+    """Left, right (figure fraction) and bottom (figure fraction, tick labels and axis labels
+    included) of the figure's visible axes."""
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
+    boxes = [ax.get_position() for ax in axes]
+    bottom = min(ax.get_tightbbox(renderer).y0 for ax in axes) / fig.bbox.height
+    return min(b.x0 for b in boxes), max(b.x1 for b in boxes), bottom
+
+
+def _suptitle(fig, text: str) -> None:
+    """A figure title above everything (panel titles included), centred on the panels and
+    wrapped to their width (a one-panel figure is narrow)."""
+    left, right, _ = _axes_span(fig)
+    chars = int((right - left) * fig.get_size_inches()[0] * 12)
+    renderer = fig.canvas.get_renderer()
+    top = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes) / fig.bbox.height
+    fig.suptitle(_wrap(text, chars), x=(left + right) / 2, y=max(top, 1.0) + 0.01, va="bottom")
+
+
+def _rotate_ticks(ax, max_chars: int = 8) -> None:
+    """Long categorical tick labels: rotated 30 degrees, anchored at their right end."""
+    labels = ax.get_xticklabels()
+    if labels and max(len(t.get_text()) for t in labels) > max_chars:
+        plt.setp(labels, rotation=30, ha="right", rotation_mode="anchor")
+
+
+def _legend_below(fig, legend, groups=()) -> matplotlib.legend.Legend:
+    """Move a grid's legend below its panels, one column per group of entries (seaborn
+    puts each variable's name as an entry before its values: ``groups`` are those names)."""
+    handles, labels = legend.legend_handles, [t.get_text() for t in legend.get_texts()]
+    title = legend.get_title().get_text()
+    columns, current = [], []
+    for handle, label in zip(handles, labels, strict=True):
+        if label in groups and current:
+            columns.append(current)
+            current = []
+        current.append((handle, label))
+    columns.append(current)
+    if len(columns) == 1:  # one variable: its values side by side, its name as the title
+        if current[0][1] in groups:
+            title = current.pop(0)[1]
+        columns = [[e] for e in current]
+    rows = max(len(c) for c in columns)
+    blank = matplotlib.patches.Patch(alpha=0, linewidth=0)
+    entries = [e for c in columns for e in c + [(blank, "")] * (rows - len(c))]
+    legend.remove()
+    left, right, bottom = _axes_span(fig)
+    return fig.legend(
+        [h for h, _ in entries], [lab for _, lab in entries], loc="upper center",
+        bbox_to_anchor=((left + right) / 2, bottom - 0.02), ncol=min(len(columns), 4),
+        frameon=False, title=title or None,
+    )  # fmt: skip
+
+
+def _finish_grid(g, title: str, groups=()) -> None:
+    """A seaborn grid's legend below the panels when the grid is narrow (two columns or
+    fewer; the side legend then squeezes the panels), its title wrapped to its width."""
+    if g.legend is not None and g._ncol <= 2:
+        g._legend = _legend_below(g.figure, g.legend, groups)
+    _suptitle(g.figure, title)
+
+
 def distance_vs_depth(distances: Path | str, out: Path | str, reference: str, metric: str):
     """Block distance against depth, one column per epoch checkpoint, one row per
-    optimizer / init; colour = model, dashes = plain vs residual; band = 95% CI over seeds."""
+    optimizer / init / dataset (the parts that vary; the rest go in the title); colour =
+    model, dashes = plain vs residual; band = 95% CI over seeds."""
     df = tables.read_parquet(distances)
     df = df[(df.granularity == "block") & (df.reference == reference)]
     if "perturbation" in df.columns:  # branches have their own figures
         df = df[df["perturbation"].fillna("") == ""]
     if df.empty:
-        _empty(out, f"no block distances against '{reference}'")
-        return
+        return _empty(out, f"no block distances against '{reference}'")
     df = df[df.step.isin(_epoch_checkpoints(df))].copy()
-    df["setting"] = df["optimizer"] + " / " + df["init"] + " / " + df["dataset"]
+    setting, constant = _setting(df)
+    df["setting"] = setting.map(lambda t: _wrap(t, 22)) if setting is not None else ""
     df["checkpoint"] = "epoch " + df["epoch"].astype(str)
+    row = "setting" if setting is not None else None
+    height, aspect = _panel_size(df["setting"].nunique() * df["checkpoint"].nunique())
     sns.set_theme(style="whitegrid", context="paper")
     g = sns.relplot(
         data=df, x="depth", y=metric, hue="model", style="shortcut", col="checkpoint",
-        row="setting", kind="line", errorbar=("ci", 95), marker="o", markersize=3,
-        height=2.4, aspect=1.25, facet_kws={"sharey": "row", "margin_titles": True},
+        row=row, kind="line", errorbar=("ci", 95), marker="o", markersize=3,
+        height=height, aspect=aspect, facet_kws={"sharey": "row", "margin_titles": True},
     )  # fmt: skip
     positive = (df[metric] > 0).all()
     if positive and df[metric].max() / max(df[metric].min(), 1e-300) > 100:
         g.set(yscale="log")
     g.set_axis_labels("depth (0 = stem, input side)", METRIC_LABELS.get(metric, metric))
     g.set_titles(row_template="{row_name}", col_template="{col_name}")
-    g.figure.suptitle(
-        f"{METRIC_LABELS.get(metric, metric)} per block, against {reference} weights"
-        f" (band: 95% CI over seeds)", y=1.02,
+    _finish_grid(
+        g, f"{METRIC_LABELS.get(metric, metric)} per block, against {reference} weights"
+        f"{', ' + constant if constant else ''} (band: 95% CI over seeds)", ("model", "shortcut"),
     )  # fmt: skip
     _save(g.figure, out)
+    return g.figure
 
 
 def history_curves(history: Path | str, out: Path | str, measure: str):
-    """Accuracy or loss against epoch, train and test, one panel per optimizer / init."""
-    df = tables.read_parquet(history)
-    df = df.copy()
-    df["setting"] = df["optimizer"] + " / " + df["init"] + " / " + df["dataset"]
+    """Accuracy or loss against epoch, train and test, one panel per optimizer / init /
+    dataset (the parts that vary; the rest go in the title)."""
+    df = tables.read_parquet(history).copy()
+    setting, constant = _setting(df)
+    df["setting"] = setting.map(lambda t: _wrap(t, 30)) if setting is not None else ""
+    panels = df["setting"].nunique()
+    height, aspect = _panel_size(panels)
     sns.set_theme(style="whitegrid", context="paper")
     g = sns.relplot(
-        data=df, x="epoch", y=measure, hue="model", style="split", col="setting",
-        col_wrap=min(4, df["setting"].nunique()), kind="line", errorbar=("ci", 95),
-        height=2.6, aspect=1.2,
+        data=df, x="epoch", y=measure, hue="model", style="split",
+        col="setting" if panels > 1 else None, col_wrap=min(4, panels) if panels > 1 else None,
+        kind="line", errorbar=("ci", 95), height=height, aspect=aspect,
     )  # fmt: skip
     if measure == "loss" and (df[measure] > 0).all():
         g.set(yscale="log")
-    g.set_titles("{col_name}")
-    g.figure.suptitle(f"{measure} (band: 95% CI over seeds)", y=1.02)
+    if measure == "accuracy":
+        g.set(ylim=(0, 1.02))
+    for ax in g.axes.flat:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    g.set_titles("{col_name}" if panels > 1 else "")
+    suffix = f", {constant}" if constant else ""
+    _finish_grid(g, f"{measure}{suffix} (band: 95% CI over seeds)", ("model", "split"))
     _save(g.figure, out)
+    return g.figure
 
 
 # --- representations and perturbations (study "dynamics") ------------------------------------
@@ -159,6 +266,7 @@ def cka_heatmap(similarity, out: Path | str, measure: str = "cka_linear") -> Non
     ax.tick_params(axis="y", labelrotation=0, labelsize=7)
     ax.set_title(f"{label}\n{common}" if common else label, fontsize=9)
     _save(fig, out)
+    return fig
 
 
 def _cluster_order(corr: np.ndarray) -> np.ndarray:
@@ -223,9 +331,10 @@ def correlation_heatmap(X, out: Path | str, title: str, Y=None) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title}\n{note}", fontsize=9)
     _save(fig, out)
+    return fig
 
 
-def perturbation_bars(perturbations, out: Path | str) -> None:
+def perturbation_bars(perturbations, out: Path | str):
     """For each perturbation: ‖θ1 - θ2‖ / ‖θ1‖ (the retrained weights against the original
     trained ones) and test accuracy before (the original run) and after retraining.
 
@@ -233,7 +342,8 @@ def perturbation_bars(perturbations, out: Path | str) -> None:
     ``perturbation``, ``accuracy_before``, ``accuracy_after`` and either
     ``rel_dist_theta1_theta2`` or ``dist_theta1_theta2`` and ``norm_theta1`` (the keys of
     ``perturb.perturbation_summary``); optional ``model`` and ``dataset`` make one row of
-    panels per setting. Bars are means, whiskers 95% CIs over the rows (seeds)."""
+    panels per setting (titled above the row). Bars are means, whiskers 95% CIs over the
+    rows (seeds)."""
     df = (
         perturbations
         if isinstance(perturbations, pd.DataFrame)
@@ -242,8 +352,7 @@ def perturbation_bars(perturbations, out: Path | str) -> None:
     if "granularity" in df.columns:  # the whole-model rows (the table also has blocks)
         df = df[df["granularity"] == "model"]
     if df.empty:
-        _empty(out, "no perturbation results")
-        return
+        return _empty(out, "no perturbation results")
     df = df.copy()
     if "rel_dist_theta1_theta2" not in df:
         df["rel_dist_theta1_theta2"] = df["dist_theta1_theta2"] / df["norm_theta1"]
@@ -252,33 +361,48 @@ def perturbation_bars(perturbations, out: Path | str) -> None:
     settings = sorted(df["setting"].unique())
     order = sorted(df["perturbation"].unique())
     sns.set_theme(style="whitegrid", context="paper")
-    fig, axes = plt.subplots(
-        len(settings), 2, figsize=(max(7.0, 1.3 * len(order) + 4.0), 2.8 * len(settings)),
-        squeeze=False,
-    )  # fmt: skip
-    for (ax_d, ax_a), setting in zip(axes, settings, strict=True):
+    width = max(7.5, 1.3 * len(order) + 4.5)
+    fig = plt.figure(figsize=(width, 3.0 * len(settings) + 0.6), layout="constrained")
+    for sub_fig, setting in zip(np.atleast_1d(fig.subfigures(len(settings), 1)), settings,
+                                strict=True):  # fmt: skip
         sub = df[df["setting"] == setting]
-        sns.barplot(data=sub, x="perturbation", y="rel_dist_theta1_theta2", order=order,
-                    errorbar=("ci", 95), ax=ax_d, color="C0")  # fmt: skip
-        values = sub["rel_dist_theta1_theta2"]
-        if (values > 0).all() and values.max() / values.min() > 100:
-            ax_d.set_yscale("log")
-        ax_d.set_ylabel("‖θ1 - θ2‖ / ‖θ1‖")
-        ax_d.set_title(f"{setting}: retrained vs original weights".lstrip(": "), fontsize=9)
-        acc = sub.melt(id_vars=["perturbation"], value_vars=["accuracy_before", "accuracy_after"],
-                       var_name="when", value_name="accuracy")  # fmt: skip
-        acc["when"] = acc["when"].str.removeprefix("accuracy_")
-        sns.barplot(data=acc, x="perturbation", y="accuracy", hue="when", order=order,
-                    hue_order=["before", "after"], errorbar=("ci", 95), ax=ax_a)  # fmt: skip
-        ax_a.set_ylim(0.0, 1.0)
-        sns.move_legend(ax_a, "upper left", bbox_to_anchor=(1.0, 1.0), title="", frameon=False)
-        ax_a.set_ylabel("test accuracy")
-        ax_a.set_title("before perturbation / after retraining", fontsize=9)
-        for ax in (ax_d, ax_a):
-            ax.set_xlabel("")
-            ax.tick_params(axis="x", labelrotation=20)
-    fig.tight_layout()
+        if setting:
+            sub_fig.suptitle(_wrap(setting, int(width * 12)), fontsize=9, fontweight="bold")
+        _perturbation_row(sub_fig.subplots(1, 2), sub, order)
+    handles, labels = fig.axes[1].get_legend_handles_labels()
+    for ax in fig.axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False,
+               title="test accuracy")  # fmt: skip
+    fig.suptitle("perturb and retrain (bars: mean; whiskers: 95% CI over seeds)")
     _save(fig, out)
+    return fig
+
+
+def _perturbation_row(axes, sub: pd.DataFrame, order: list[str]) -> None:
+    ax_d, ax_a = axes
+    sns.barplot(data=sub, x="perturbation", y="rel_dist_theta1_theta2", order=order,
+                errorbar=("ci", 95), ax=ax_d, color="C0")  # fmt: skip
+    values = sub["rel_dist_theta1_theta2"]
+    if (values > 0).all() and values.max() / values.min() > 100:
+        ax_d.set_yscale("log")
+    ax_d.set_ylabel("‖θ1 - θ2‖ / ‖θ1‖")
+    ax_d.set_title("retrained vs original weights", fontsize=9)
+    acc = sub.melt(id_vars=["perturbation"], value_vars=["accuracy_before", "accuracy_after"],
+                   var_name="when", value_name="accuracy")  # fmt: skip
+    acc["when"] = acc["when"].map(
+        {"accuracy_before": "before perturbation", "accuracy_after": "after retraining"}
+    )
+    sns.barplot(data=acc, x="perturbation", y="accuracy", hue="when", order=order,
+                hue_order=["before perturbation", "after retraining"], errorbar=("ci", 95),
+                ax=ax_a)  # fmt: skip
+    ax_a.set_ylim(0.0, 1.0)
+    ax_a.set_ylabel("test accuracy")
+    ax_a.set_title("test accuracy", fontsize=9)
+    for ax in (ax_d, ax_a):
+        ax.set_xlabel("")
+        _rotate_ticks(ax, 10)
 
 
 # --- gradients, averages ---------------------------------------------------------------------
@@ -291,7 +415,7 @@ def _spread(values: list, n: int) -> list:
     return [values[int(round(i))] for i in np.linspace(0, len(values) - 1, n)]
 
 
-def gradient_vs_depth(gradients, out: Path | str, vanish: float, explode: float) -> None:
+def gradient_vs_depth(gradients, out: Path | str, vanish: float, explode: float):
     """Gradient RMS per block against depth on a log scale, at a few recorded steps through
     training; colour = model, dashes = plain vs residual, band = 95% CI over seeds. Dotted
     lines: the vanishing and exploding thresholds; blocks beyond them are counted in the
@@ -299,20 +423,22 @@ def gradient_vs_depth(gradients, out: Path | str, vanish: float, explode: float)
     df = tables.read_parquet(gradients)
     df = df[df["granularity"] == "block"].copy()
     if df.empty:
-        _empty(out, "no gradients recorded (set gradients.every_steps)")
-        return
+        return _empty(out, "no gradients recorded (set gradients.every_steps)")
     df["exploding"] = (df["grad_rms"] > explode) | (df["nans"] + df["infs"] > 0)
     df["vanishing"] = df["grad_rms"] < vanish
     n_van, n_exp = int(df["vanishing"].sum()), int(df["exploding"].sum())
     df = df[df["step"].isin(_spread(df["step"].tolist(), 4))]
-    df["setting"] = df["optimizer"] + " / " + df["init"] + " / " + df["dataset"]
+    setting, constant = _setting(df)
+    df["setting"] = setting.map(lambda t: _wrap(t, 22)) if setting is not None else ""
     df["checkpoint"] = "step " + df["step"].astype(str)
     df["grad_rms"] = df["grad_rms"].where(np.isfinite(df["grad_rms"]) & (df["grad_rms"] > 0))
+    height, aspect = _panel_size(df["setting"].nunique() * df["checkpoint"].nunique())
     sns.set_theme(style="whitegrid", context="paper")
     g = sns.relplot(
         data=df, x="depth", y="grad_rms", hue="model", style="shortcut", col="checkpoint",
-        row="setting", kind="line", errorbar=("ci", 95), marker="o", markersize=3,
-        height=2.4, aspect=1.25, facet_kws={"margin_titles": True},
+        row="setting" if setting is not None else None, kind="line", errorbar=("ci", 95),
+        marker="o", markersize=3, height=height, aspect=aspect,
+        facet_kws={"margin_titles": True},
     )  # fmt: skip
     g.set(yscale="log")
     for ax in g.axes.flat:
@@ -320,14 +446,16 @@ def gradient_vs_depth(gradients, out: Path | str, vanish: float, explode: float)
         ax.axhline(explode, ls=":", c="grey")
     g.set_axis_labels("depth (0 = input side)", "gradient RMS (‖g‖ / √numel)")
     g.set_titles(row_template="{row_name}", col_template="{col_name}")
-    g.figure.suptitle(
-        f"gradient magnitude per block; flagged block-steps: {n_van} vanishing (< {vanish:g}),"
-        f" {n_exp} exploding (> {explode:g} or NaN/Inf)", y=1.02,
+    _finish_grid(
+        g, f"gradient magnitude per block{', ' + constant if constant else ''}; flagged "
+        f"block-steps: {n_van} vanishing (< {vanish:g}), {n_exp} exploding (> {explode:g} "
+        "or NaN/Inf)", ("model", "shortcut"),
     )  # fmt: skip
     _save(g.figure, out)
+    return g.figure
 
 
-def distance_average(distances, out: Path | str, metric: str) -> None:
+def distance_average(distances, out: Path | str, metric: str):
     """The average over models and datasets: at each run's last epoch checkpoint, each
     block's distance divided by the run's mean over its blocks (so models of any size and
     depth compare), against relative depth (0 = input, 1 = output) in ten bins; plain vs
@@ -337,8 +465,7 @@ def distance_average(distances, out: Path | str, metric: str) -> None:
     if "perturbation" in df.columns:
         df = df[df["perturbation"].fillna("") == ""]
     if df.empty:
-        _empty(out, "no block distances")
-        return
+        return _empty(out, "no block distances")
     last = df.groupby("run_id")["step"].transform("max")
     df = df[df["step"] == last]
     df["relative depth"] = df["depth"] / df.groupby("run_id")["depth"].transform("max")
@@ -346,29 +473,33 @@ def distance_average(distances, out: Path | str, metric: str) -> None:
     df["relative distance"] = df[metric] / df.groupby(["run_id", "reference"])[metric].transform(
         "mean"
     )
+    height, aspect = _panel_size(df["reference"].nunique())
     sns.set_theme(style="whitegrid", context="paper")
     g = sns.relplot(
         data=df, x="relative depth", y="relative distance", hue="shortcut", col="reference",
-        kind="line", errorbar=("ci", 95), marker="o", height=3, aspect=1.3,
+        kind="line", errorbar=("ci", 95), marker="o", height=height, aspect=aspect,
     )  # fmt: skip
-    g.figure.suptitle(
-        f"{METRIC_LABELS.get(metric, metric)} relative to each run's mean over blocks, "
-        f"averaged over {df['model'].nunique()} models and {df['dataset'].nunique()} datasets",
-        y=1.04,
-    )
+    g.set_titles("against {col_name}")
+    g.set_axis_labels("relative depth (0 = stem, 1 = classifier)", "distance / run's mean")
+    models, datasets = df["model"].nunique(), df["dataset"].nunique()
+    _finish_grid(
+        g, f"{METRIC_LABELS.get(metric, metric)} relative to each run's mean over blocks, "
+        f"averaged over {models} model{'s' * (models > 1)} and {datasets} "
+        f"dataset{'s' * (datasets > 1)} (band: 95% CI over runs)", ("shortcut",),
+    )  # fmt: skip
     _save(g.figure, out)
+    return g.figure
 
 
-def frozen_shares(frozen, out: Path | str) -> None:
+def frozen_shares(frozen, out: Path | str):
     """For each model: the share of its parameters changed between the init and the end
     (the study's tolerance), never moved from their initial value at any step, and never
     reached by a non-zero gradient (the last two need ``gradients.track_reached``); one
-    panel per dataset and optimizer, bars per init, whiskers 95% CI over seeds."""
+    panel per dataset / optimizer / init (those that vary), whiskers 95% CI over seeds."""
     df = tables.read_parquet(frozen)
     df = df[(df["granularity"] == "model") & (df["perturbation"].fillna("") == "")]
     if df.empty:
-        _empty(out, "no runs")
-        return
+        return _empty(out, "no runs")
     long = df.melt(
         id_vars=["model", "dataset", "optimizer", "init", "seed"],
         value_vars=["frac_changed_final", "frac_never_moved", "frac_never_reached"],
@@ -381,23 +512,28 @@ def frozen_shares(frozen, out: Path | str) -> None:
             "frac_never_reached": "never reached by a gradient",
         }
     )
-    long["panel"] = long["dataset"] + " / " + long["optimizer"] + " / " + long["init"]
+    setting, constant = _setting(long, ("dataset", "optimizer", "init"))
+    long["panel"] = setting.map(lambda t: _wrap(t, 30)) if setting is not None else ""
+    panels = long["panel"].nunique()
+    height, aspect = _panel_size(panels)
     sns.set_theme(style="whitegrid", context="paper")
     g = sns.catplot(
-        data=long, x="model", y="value", hue="share", col="panel",
-        col_wrap=min(3, long["panel"].nunique()), kind="bar", errorbar=("ci", 95),
-        height=2.8, aspect=1.3,
+        data=long, x="model", y="value", hue="share", col="panel" if panels > 1 else None,
+        col_wrap=min(3, panels) if panels > 1 else None, kind="bar", errorbar=("ci", 95),
+        height=height, aspect=max(aspect, 0.3 * long["model"].nunique()),
     )  # fmt: skip
     g.set(ylim=(0, 1.02))
     g.set_axis_labels("", "share of parameters")
-    g.set_titles("{col_name}")
+    g.set_titles("{col_name}" if panels > 1 else "")
     for ax in g.axes.flat:
-        ax.tick_params(axis="x", rotation=30)
-    g.figure.suptitle("how much of each network moved (band: 95% CI over seeds)", y=1.03)
+        _rotate_ticks(ax)
+    suffix = f", {constant}" if constant else ""
+    _finish_grid(g, f"how much of each network moved{suffix} (whiskers: 95% CI over seeds)")
     _save(g.figure, out)
+    return g.figure
 
 
-def change_by_setting(distances, out: Path | str) -> None:
+def change_by_setting(distances, out: Path | str):
     """‖θ_k − θ_{k−1}‖ / ‖θ_{k−1}‖ of the whole network between consecutive epoch-end
     checkpoints (seed 002's ‖θ5 − θ0‖, ‖θ10 − θ5‖, …), per model, dataset, init and
     optimizer; band = 95% CI over seeds."""
@@ -412,18 +548,180 @@ def change_by_setting(distances, out: Path | str) -> None:
     whole = df.groupby(keys, as_index=False)[["l2sq", "refsq"]].sum()
     whole = whole[whole["reference"] == "previous"]
     if whole.empty:
-        _empty(out, "no epoch-end checkpoints")
-        return
+        return _empty(out, "no epoch-end checkpoints")
     whole["relative change"] = np.sqrt(whole["l2sq"] / whole["refsq"])
+    rows = "dataset" if whole["dataset"].nunique() > 1 else None
+    height, aspect = _panel_size(whole["model"].nunique() * whole["dataset"].nunique())
     sns.set_theme(style="whitegrid", context="paper")
     g = sns.relplot(
         data=whole, x="epoch", y="relative change", hue="init", style="optimizer",
-        col="model", row="dataset", kind="line", errorbar=("ci", 95), marker="o",
-        height=2.4, aspect=1.3, facet_kws={"margin_titles": True, "sharey": False},
+        col="model", row=rows, kind="line", errorbar=("ci", 95), marker="o",
+        height=height, aspect=aspect, facet_kws={"margin_titles": True, "sharey": False},
     )  # fmt: skip
     g.set_titles(row_template="{row_name}", col_template="{col_name}")
-    g.figure.suptitle(
-        "relative change of all parameters since the previous checkpoint "
-        "(band: 95% CI over seeds)", y=1.03,
+    for ax in g.axes.flat:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    suffix = "" if rows else f", {whole['dataset'].iloc[0]}"
+    _finish_grid(
+        g, "relative change of all parameters since the previous checkpoint"
+        f"{suffix} (band: 95% CI over seeds)", ("init", "optimizer"),
     )  # fmt: skip
     _save(g.figure, out)
+    return g.figure
+
+
+# --- distance against training step (the depth study's main figure) -------------------------
+
+SHORTCUT_ORDER = ("plain", "residual", "none")
+STEP_CMAP = matplotlib.colors.ListedColormap(plt.get_cmap("viridis")(np.linspace(0.0, 0.9, 256)))
+STEP_KEYS = ["reference", "dataset", "optimizer", "init", "family", "shortcut", "model",
+             "blocks", "depth", "position", "step"]  # fmt: skip
+
+
+def _natural(text: str) -> list:
+    """Sort key: numbers by value (resnet18 before resnet101)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _family(model: str, shortcut: str) -> str:
+    """The model's label without its shortcut token: resnet18-basic-plain-even ->
+    resnet18-basic-even, so plain and residual twins share a row."""
+    return "-".join(t for t in model.split("-") if t != shortcut) or model
+
+
+def _block_rows(path: Path | str, metric: str) -> pd.DataFrame:
+    """The block rows of a distances table, only the columns the step figure needs (the
+    table's tensor and layer rows can be millions with a checkpoint every step)."""
+    columns = ["run_id", "model", "shortcut", "dataset", "init", "optimizer", "seed",
+               "perturbation", "granularity", "depth", "reference", "step", "ref_step", metric]  # fmt: skip
+    try:
+        table = pq.read_table(path, columns=columns, filters=[("granularity", "==", "block")])
+    except (pa.ArrowException, OSError) as e:
+        raise tables.TableError(
+            f"{path}: unreadable Parquet file ({e}); delete it to rebuild"
+        ) from e
+    return table.to_pandas()
+
+
+def distance_step_frame(distances, metric: str) -> pd.DataFrame:
+    """The data of ``distance_vs_step``: one row per (reference, setting, model, block, step)
+    with ``mean``, ``low``, ``high`` (95% t-interval over seeds; NaN with one seed) and ``n``
+    (seeds). Block rows of runs only (perturbation branches left out), without the stem
+    (depth 0) and the classifier (each run's last depth). Against ``previous`` the value is
+    per step: the distance divided by the steps between the two checkpoints (1 when every
+    step is checkpointed). ``position``: 0 = first block after the stem, 1 = last block
+    before the classifier; ``blocks``: the model's number of building blocks."""
+    from scipy import stats
+
+    df = distances if isinstance(distances, pd.DataFrame) else _block_rows(distances, metric)
+    df = df[df["granularity"] == "block"]
+    if "perturbation" in df.columns:
+        df = df[df["perturbation"].fillna("") == ""]
+    last = df.groupby("run_id")["depth"].transform("max")
+    df = df[(df["depth"] > 0) & (df["depth"] < last)].copy()
+    last = last.loc[df.index]
+    df["blocks"] = last - 1
+    df["position"] = ((df["depth"] - 1) / (last - 2).clip(lower=1)).astype(float)
+    df["family"] = [_family(m, s) for m, s in zip(df["model"], df["shortcut"], strict=True)]
+    gap = (df["step"] - df["ref_step"]).clip(lower=1).where(df["reference"] == "previous", 1)
+    df["value"] = df[metric] / gap
+    out = df.groupby(STEP_KEYS, as_index=False)["value"].agg(["mean", "std", "count"])
+    out = out.rename(columns={"count": "n"})
+    t = stats.t.ppf(0.975, (out["n"] - 1).clip(lower=1))
+    half = np.where(out["n"] > 1, t * out["std"] / np.sqrt(out["n"]), np.nan)
+    out["low"], out["high"] = out["mean"] - half, out["mean"] + half
+    return out.drop(columns="std").sort_values(STEP_KEYS, ignore_index=True)
+
+
+def _step_facets(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Row and column keys of the step figure: rows = model family (ordered by number of
+    blocks), with optimizer / init when the study has several; columns = plain | residual,
+    per dataset when there are several (a dataset's plain and residual side by side)."""
+    df = df.copy()
+    setting = df["optimizer"] + " / " + df["init"]
+    df["row"] = df["family"] + (" · " + setting if setting.nunique() > 1 else "")
+    many = df["dataset"].nunique() > 1
+    df["col"] = (df["dataset"] + ": " if many else "") + df["shortcut"]
+    first = df.groupby("row")["blocks"].max()
+    rows = sorted(first.index, key=lambda r: (first[r], _natural(r)))
+    rank = {s: i for i, s in enumerate(SHORTCUT_ORDER)}
+    cols = sorted(df["col"].unique(), key=lambda c: (c.rsplit(": ", 1)[0] if many else "",
+                                                     rank.get(c.rsplit(": ", 1)[-1], 9)))  # fmt: skip
+    return df, rows, cols
+
+
+def _step_panel(ax, sub: pd.DataFrame) -> None:
+    """One line per block coloured by its position, band = 95% CI over seeds (clipped at 0:
+    distances are not negative)."""
+    for (_, position), line in sub.groupby(["depth", "position"], sort=True):
+        colour = STEP_CMAP(position)
+        if line["low"].notna().any():
+            ax.fill_between(line["step"], line["low"].clip(lower=0), line["high"], color=colour,
+                            alpha=0.12, linewidth=0)  # fmt: skip
+        ax.plot(line["step"], line["mean"], color=colour, linewidth=0.9)
+
+
+def _step_colorbar(fig, axes, blocks: list[int], columns: int) -> None:
+    """The depth colorbar below the panels: block numbers when every model has as many
+    blocks, else the relative position (0 = first block, 1 = last)."""
+    single = len(blocks) == 1 and blocks[0] > 1
+    norm = matplotlib.colors.Normalize(1, blocks[0]) if single else None
+    bar = fig.colorbar(
+        matplotlib.cm.ScalarMappable(norm=norm, cmap=STEP_CMAP), ax=axes, location="bottom",
+        shrink=min(0.5, 0.25 * columns + 0.3), aspect=35 + 5 * columns, pad=0.02,
+    )  # fmt: skip
+    if single:
+        bar.ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        bar.set_label("block depth (1 = first block after the stem; stem and classifier left out)")
+    else:
+        bar.set_ticks([0, 0.5, 1], labels=["first block", "middle", "last block"])
+        bar.set_label("block depth, relative (stem and classifier left out)")
+
+
+def distance_vs_step(distances, out: Path | str, reference: str, metric: str):
+    """Block distance against training step, one line per building block coloured by its
+    depth (sequential colormap, 0 = first block, 1 = last; the stem and the classifier are
+    left out), plain and residual side by side; rows = model family. Band: 95% CI over
+    seeds. Against ``previous``: per step (see ``distance_step_frame``)."""
+    df = distance_step_frame(distances, metric)
+    df = df[df["reference"] == reference]
+    if df.empty:
+        return _empty(
+            out, f"no block distances against '{reference}' (stem and classifier excluded)"
+        )
+    df, rows, cols = _step_facets(df)
+    few = len(rows) * len(cols) <= 2
+    width, height = (3.6, 2.7) if few else (2.6, 1.9)
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(
+        len(rows), len(cols), figsize=(width * len(cols) + 0.8, height * len(rows) + 1.4),
+        sharex=True, sharey="row", squeeze=False, layout="constrained",
+    )  # fmt: skip
+    for (i, row), (j, col) in itertools.product(enumerate(rows), enumerate(cols)):
+        ax, sub = axes[i, j], df[(df["row"] == row) & (df["col"] == col)]
+        _step_panel(ax, sub)
+        if sub.empty:
+            ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes)
+        if i == 0:
+            ax.set_title(col, fontsize=9)
+        if j == len(cols) - 1:  # the row's name in the right margin, as seaborn's
+            blocks = int(df.loc[df["row"] == row, "blocks"].max())
+            ax.yaxis.set_label_position("right")
+            ax.set_ylabel(f"{_wrap(row, int(height * 9))}\n({blocks} blocks)", rotation=270,
+                          labelpad=22, fontsize=8)  # fmt: skip
+        if i == len(rows) - 1:
+            ax.set_xlabel("training step")
+    positive = (df["mean"] > 0).all()
+    if positive and df["mean"].max() / df["mean"].min() > 100:
+        for ax in axes.flat:
+            ax.set_yscale("log")
+    label = METRIC_LABELS.get(metric, metric) + (" per step" if reference == "previous" else "")
+    fig.supylabel(label, fontsize=9)
+    _step_colorbar(fig, axes, sorted(df["blocks"].unique()), len(cols))
+    since = "the init" if reference == "init" else "the previous checkpoint"
+    title = (
+        f"{label} of each building block from {since}, through training (band: 95% CI over seeds)"
+    )
+    fig.suptitle(_wrap(title, int(fig.get_size_inches()[0] * 11)), fontsize=10)
+    _save(fig, out)
+    return fig

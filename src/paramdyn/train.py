@@ -386,8 +386,10 @@ def train_run(
     dev = resolve_device(device)
     t0 = time.perf_counter()
 
-    data = DeviceData.load(dataset_path, dev, normalize=spec.normalize, augment=spec.augment)
-    model = build_model(spec.model_name, spec.dataset, spec.model_settings)
+    data = DeviceData.load(
+        dataset_path, dev, normalize=spec.normalize, augment=spec.augment, inputs=spec.inputs
+    )
+    model = build_model(spec.model_name, spec.dataset, spec.model_settings, spec.inputs)
     if spec.perturbation:  # a branch: the source run's final weights, perturbed
         from .perturb import perturb_checkpoint
 
@@ -396,6 +398,7 @@ def train_run(
             init_checkpoint, options.pop("name"), options, seed=spec.seed,
             model_name=spec.model_name, dataset=spec.dataset,
             model_settings=spec.model_settings, init=spec.init,
+            init_options=spec.init_options, inputs=spec.inputs,
         )  # fmt: skip
         model.load_state_dict(state)
     else:
@@ -403,6 +406,7 @@ def train_run(
             model,
             spec.init_name or spec.init,
             spec.seed,
+            options=spec.init_options,
             pretrained=catalog.MODELS[spec.model_name].pretrained,
             source=init_checkpoint,
         )
