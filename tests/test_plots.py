@@ -204,11 +204,15 @@ def test_step_frame_ci_is_a_t_interval_and_absent_with_one_seed():
     assert (single["n"] == 1).all()
 
 
-def test_step_frame_uses_the_named_metric():
+def test_step_frame_uses_the_named_metric(tmp_path):
     df = distances_table(seeds=(0,), blocks=2, steps=(1,))
     l1 = plots.distance_step_frame(df, "l1")
     mean_abs = plots.distance_step_frame(df, "mean_abs")
     assert l1["mean"].to_numpy() == pytest.approx(10 * mean_abs["mean"].to_numpy())
+    # from the Parquet file: only the block rows and the columns it needs are read
+    other = pd.concat([df, df.assign(granularity="tensor", mean_abs=99.0)])
+    from_file = plots.distance_step_frame(_parquet(tmp_path, other, "d"), "mean_abs")
+    pd.testing.assert_frame_equal(from_file, mean_abs)
 
 
 # --- layout ----------------------------------------------------------------------------------
@@ -239,9 +243,16 @@ def assert_legible(fig, panels: int) -> None:
     titles = [t for t in (getattr(fig, "_suptitle", None),) if t is not None and t.get_text()]
     for text, ax in itertools.product(titles, axes):
         assert not text.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
-    texts = [  # panel titles and margin titles
-        (ax, t) for ax in axes for t in [ax.title, *ax.texts] if t.get_visible() and t.get_text()
+    texts = [  # panel titles, margin titles, axis labels
+        (ax, t)
+        for ax in axes
+        for t in [ax.title, *ax.texts, ax.xaxis.label, ax.yaxis.label]
+        if t.get_visible() and t.get_text()
     ]
+    for ax, text in texts:
+        if text in (ax.xaxis.label, ax.yaxis.label):  # axis labels clear of their own panel
+            box = text.get_window_extent(renderer)
+            assert not box.overlaps(ax.get_window_extent(renderer)), text.get_text()
     for (ax, text), other in itertools.product(texts, axes):
         if other is not ax:
             box = text.get_window_extent(renderer)
@@ -268,7 +279,7 @@ def test_step_figure_one_panel_per_family_and_shortcut(tmp_path, reference):
     assert [ax.get_title() for ax in axes[0]] == [
         "cifar10: plain", "cifar10: residual", "mnist: plain", "mnist: residual",
     ]  # fmt: skip
-    assert [ax.get_ylabel().split("\n")[0] for ax in axes[:, -1]] == [
+    assert [ax.texts[-1].get_text().split("\n")[0] for ax in axes[:, -1]] == [
         "resnet18-basic-even", "resnet26-bottleneck-even", "resnet34-basic-even",
     ]  # fmt: skip
     # one line per block (4 building blocks, 6 for the deeper resnet34 family)
@@ -355,3 +366,13 @@ def test_constant_setting_goes_to_the_title_not_a_facet(tmp_path):
     (ax,) = _axes(fig)
     assert "adam / kaiming-normal / mnist" in fig._suptitle.get_text().replace("\n", " ")
     assert not [t for t in ax.texts if t.get_text()]  # no row title beside the one panel
+
+
+def test_dry_run_draws_the_step_figures(tmp_path):
+    from test_workflow import TINY, job_counts, snakemake, write_config
+
+    r = snakemake(tmp_path, write_config(tmp_path / "tiny.yaml", TINY), "-n")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert job_counts(r.stdout + r.stderr)["plot_distance_steps"] == 1
+    for reference in ("init", "previous"):
+        assert f"results/tiny/figures/distance_vs_step_{reference}.png" in r.stdout + r.stderr

@@ -614,7 +614,7 @@ def distance_step_frame(distances, metric: str) -> pd.DataFrame:
     from scipy import stats
 
     df = distances if isinstance(distances, pd.DataFrame) else _block_rows(distances, metric)
-    df = df[df["granularity"] == "block"]
+    df = df[df["granularity"] == "block"].reset_index(drop=True)
     if "perturbation" in df.columns:
         df = df[df["perturbation"].fillna("") == ""]
     last = df.groupby("run_id")["depth"].transform("max")
@@ -706,9 +706,9 @@ def distance_vs_step(distances, out: Path | str, reference: str, metric: str):
             ax.set_title(col, fontsize=9)
         if j == len(cols) - 1:  # the row's name in the right margin, as seaborn's
             blocks = int(df.loc[df["row"] == row, "blocks"].max())
-            ax.yaxis.set_label_position("right")
-            ax.set_ylabel(f"{_wrap(row, int(height * 9))}\n({blocks} blocks)", rotation=270,
-                          labelpad=22, fontsize=8)  # fmt: skip
+            ax.annotate(f"{_wrap(row, int(height * 9))}\n({blocks} blocks)", (1.03, 0.5),
+                        xycoords="axes fraction", rotation=270, ha="left", va="center",
+                        fontsize=8)  # fmt: skip
         if i == len(rows) - 1:
             ax.set_xlabel("training step")
     positive = (df["mean"] > 0).all()
