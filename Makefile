@@ -17,11 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 # The whole workflow on the embedded data: study `demo` and the four studies' demo variants.
+# `paramdyn snakemake` is snakemake under a lock the kernel drops when the run dies: after a
+# killed `make demo` the rerun clears the dead run's Snakemake locks, and a second
+# `make demo` while one is alive is refused (src/paramdyn/runlock.py).
 DEMO_STUDIES := [demo,depth,dynamics,gradients,cnn_vs_resnet]
 comma := ,
 demo: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete --config 'run=$(DEMO_STUDIES)' variant=demo
-	$(BIN)/snakemake --config 'run=$(DEMO_STUDIES)' variant=demo --report results/report.html
+	$(BIN)/paramdyn snakemake --cores $(CORES) --rerun-incomplete --config 'run=$(DEMO_STUDIES)' variant=demo
+	$(BIN)/paramdyn snakemake --config 'run=$(DEMO_STUDIES)' variant=demo --report results/report.html
 	@echo "demo done: tables in results/<study>/*.parquet, figures in results/<study>/figures/, report in results/report.html"
 	@echo "findings (results/<study>/findings.md):"
 	@$(BIN)/paramdyn findings config.yaml --variant demo --run $(subst $(comma), ,$(patsubst [%],%,$(DEMO_STUDIES)))

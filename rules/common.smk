@@ -90,10 +90,13 @@ def study_targets():
             f"results/{study}/accuracy.md",
             f"results/{study}/figures/accuracy.png",
             f"results/{study}/figures/loss.png",
-            f"results/{study}/similarity.parquet",
-            f"results/{study}/figures/cka.png",
-            f"results/{study}/figures/feature_correlation.png",
         ]
+        if STUDIES[study].features.get("enabled", True):
+            targets += [
+                f"results/{study}/similarity.parquet",
+                f"results/{study}/figures/cka.png",
+                f"results/{study}/figures/feature_correlation.png",
+            ]
         if any(s.perturbation for s in STUDIES[study].runs.values()):
             targets += [
                 f"results/{study}/perturbations.parquet",

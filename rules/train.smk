@@ -26,6 +26,8 @@ rule train:
         work_dir="results/.work/{study}/{run_id}",
         code=code_hash(
             "train",
+            "gradients",
+            "resume",
             "data",
             "models",
             "inits",

@@ -185,3 +185,55 @@ def test_variant_overrides_and_renames():
     assert list(studies) == ["s-quick"]
     run = next(iter(studies["s-quick"].runs.values()))
     assert (run.epochs, run.seed, run.study) == (1, 5, "s-quick")
+
+
+def _with_variants():
+    """GOOD with a second study ``t`` that defines the variants quick and wide (``s`` none)."""
+    cfg = copy.deepcopy(GOOD)
+    cfg["studies"]["t"] = copy.deepcopy(cfg["studies"]["s"])
+    cfg["studies"]["t"]["variants"] = {"quick": {"epochs": 1}, "wide": {"seeds": [0, 1, 2]}}
+    return cfg
+
+
+def test_unknown_variant_is_refused_naming_the_variants():
+    cfg = _with_variants() | {"variant": "quik"}
+    with pytest.raises(ConfigError) as e:
+        _load(cfg)
+    msg = str(e.value)
+    assert "config key 'variant'" in msg and "'quik'" in msg
+    assert "Variants in this config: default, quick, wide" in msg
+    assert "the config has 1 problem:" in msg  # the default recipes are not checked instead
+
+
+def test_variant_of_an_unselected_study_only_is_refused():
+    cfg = _with_variants() | {"variant": "quick", "run": ["s"]}
+    with pytest.raises(ConfigError) as e:
+        _load(cfg)
+    msg = str(e.value)
+    assert "no study selected by 'run' (s) defines a variant 'quick'" in msg
+    assert "'quick' is a variant of t: add it to 'run'" in msg
+
+
+def test_a_selected_study_without_the_variant_runs_as_written():
+    # as `make demo`: study demo has no variants, the others run their demo variant
+    studies = _load(_with_variants() | {"variant": "quick", "run": ["s", "t"]})
+    assert list(studies) == ["s", "t-quick"]
+    assert studies["s"].runs == _load(GOOD)["s"].runs
+    assert {r.epochs for r in studies["t-quick"].runs.values()} == {1}
+
+
+def test_unknown_variant_stops_the_snakemake_cli(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_with_variants()))
+    snakemake = str(Path(sys.executable).parent / "snakemake")
+    cmd = [snakemake, "-s", str(repo / "Snakefile"), "--directory", str(tmp_path), "-n"]
+    cmd += ["--configfile", str(tmp_path / "config.yaml"), "--config", "variant=wdie"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "config key 'variant'" in out and "'wdie'" in out, out[-3000:]
+    assert "Variants in this config: default, quick, wide" in out

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from paramdyn.gradients import GradientRecorder
 from paramdyn.models import build_model
-from paramdyn.train import GradientRecorder
 
 
 def _backward(model, seed=0):

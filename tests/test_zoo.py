@@ -20,6 +20,7 @@ PINNED = {
     ("vgg19", "cifar10"): (20_029_514, 17),
     ("vgg19-bn", "cifar10"): (20_040_522, 17),
     ("cnn5-plain", "mnist5k"): (436_010, 7),
+    ("cnn5", "mnist5k"): (576_330, 4),
     ("cnn5-residual", "cifar10"): (513_386, 7),
     ("deepnet-plain", "mnist5k"): (93_130, 22),
     ("resnet50-bottleneck-plain-even", "cifar10"): (None, 18),

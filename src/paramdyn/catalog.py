@@ -142,6 +142,14 @@ MODELS: dict[str, ModelSpec] = {
         pretrained="resnet18",
     ),
     **_vgg_specs(),
+    "cnn5": ModelSpec(
+        name="cnn5",
+        family="convstack",
+        shortcut="plain",
+        description="seed 004's CNN as its document draws it: 5 conv layers (3x3, 'same', "
+        "64-32-64-32-64 filters), each followed by ReLU, no normalisation, flatten, dense head",
+        options={"depth": 2, "residual": False, "width": 64, "inner": 32},
+    ),
     "cnn5-plain": ModelSpec(
         name="cnn5-plain",
         family="convstack",

@@ -7,6 +7,12 @@ prints, before anything runs, the checkpoint storage each study will need.
     paramdyn findings [config.yaml] [--run STUDY ...] [--variant VARIANT]
 
 prints the verdict table of each study's findings (results/<study>/findings.parquet).
+
+    paramdyn snakemake [SNAKEMAKE ARGS ...]
+
+runs this environment's ``snakemake`` with those arguments under the directory lock of
+:mod:`paramdyn.runlock`: a run killed before (SIGKILL, a power cut) leaves no lock that
+stops it, and a second run while one is alive in the directory is refused.
 """
 
 from __future__ import annotations
@@ -80,6 +86,11 @@ def print_findings(config: dict, results: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["snakemake"]:  # every later argument is Snakemake's
+        from . import runlock
+
+        return runlock.main([str(Path(sys.executable).parent / "snakemake"), *argv[1:]])
     parser = argparse.ArgumentParser(prog="paramdyn", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     disk = sub.add_parser("disk", help="checkpoint storage each study will need")
@@ -90,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     found.add_argument("--run", nargs="+", help="studies (default: the config's `run`)")
     found.add_argument("--variant", help="the variant (default: the config's `variant`)")
     found.add_argument("--results", default="results", type=Path, help="the results folder")
+    sub.add_parser(
+        "snakemake",
+        help="snakemake ARGS under the directory lock (a killed run's locks are cleared)",
+        add_help=False,
+    )
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
     if args.run:

@@ -169,8 +169,41 @@ def validate_schema(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA)
         ) from None
 
 
+class Problems:
+    """The mistakes found in a config, gathered so that one error reports them all: each is
+    added as ``config key '<key>': <message>`` and raised, once each and in the order found,
+    by :meth:`raise_if_any`."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.messages.append(f"config key '{key}': {message}")
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def raise_if_any(self) -> None:
+        messages = list(dict.fromkeys(self.messages))  # a grid problem once, not once per run
+        if messages:
+            raise ConfigError(
+                "the config has {} problem{}:\n  - {}".format(
+                    len(messages), "s" * (len(messages) > 1), "\n  - ".join(messages)
+                )
+            )
+
+
+# --- a study: checks ---------------------------------------------------------------------
+
+
 def _entry(item: str | dict[str, Any]) -> dict[str, Any]:
+    """A model, init or optimizer entry as a mapping: a bare name is ``{name: <name>}``."""
     return {"name": item} if isinstance(item, str) else dict(item)
+
+
+def _label(entry: dict[str, Any]) -> str:
+    """The label of a model or optimizer entry in its run ids: its ``label``, else its name."""
+    return entry.get("label", entry["name"])
 
 
 def _init_label(init: dict[str, Any]) -> str:
@@ -182,21 +215,99 @@ def _init_label(init: dict[str, Any]) -> str:
     return init["name"]
 
 
-def _init_options(key: str, it: dict[str, Any], errors: list[str]) -> dict[str, Any]:
-    """The options of the init entry ``it`` (at config key ``key``) that differ from the
+def _duplicates(labels: list[str]) -> list[str]:
+    return sorted({x for x in labels if labels.count(x) > 1})
+
+
+def _check_name(kind: str, key: str, name: str, registry: dict[str, Any], problems: Problems):
+    """Whether ``name`` is in ``registry`` (a problem at ``key`` when not)."""
+    if name not in registry:
+        problems.add(key, f"unknown {kind} '{name}'. Valid {kind}s: {catalog.describe(registry)}")
+        return False
+    return True
+
+
+def _check_names(
+    key: str,
+    study: dict[str, Any],
+    models: list[dict[str, Any]],
+    inits: list[dict[str, Any]],
+    optimizers: list[dict[str, Any]],
+    problems: Problems,
+) -> list[dict[str, Any]]:
+    """Each model, dataset, init, schedule and optimizer of ``study`` (at config key ``key``)
+    is in its registry, with only the settings or options it has. Returns each init's
+    options (see :func:`_init_options`), ``{}`` for an unknown init."""
+    _check_models(key, models, problems)
+    for i, dataset in enumerate(study["datasets"]):
+        _check_name("dataset", f"{key}/datasets/{i}", dataset, catalog.DATASETS, problems)
+    init_options = _check_inits(key, inits, models, problems)
+    _check_name("schedule", f"{key}/schedule", study["schedule"], catalog.SCHEDULES, problems)
+    _check_optimizers(key, optimizers, problems)
+    return init_options
+
+
+def _check_models(key: str, models: list[dict[str, Any]], problems: Problems) -> None:
+    for i, model in enumerate(models):
+        if not _check_name("model", f"{key}/models/{i}", model["name"], catalog.MODELS, problems):
+            continue
+        model_spec = catalog.MODELS[model["name"]]
+        for setting in MODEL_SETTINGS:
+            if setting in model and setting not in model_spec.settings:
+                problems.add(
+                    f"{key}/models/{i}/{setting}",
+                    f"model '{model['name']}' has no setting '{setting}' (its settings: "
+                    f"{', '.join(model_spec.settings) or 'none'}). Remove the key.",
+                )
+
+
+def _check_inits(
+    key: str, inits: list[dict[str, Any]], models: list[dict[str, Any]], problems: Problems
+) -> list[dict[str, Any]]:
+    """Each init is known, with its own options, ``run`` exactly for from_run, and weights
+    for every model that takes ``pretrained``. Returns the options of each init."""
+    init_options: list[dict[str, Any]] = []
+    for i, init in enumerate(inits):
+        where = f"{key}/inits/{i}"
+        if not _check_name("init", where, init["name"], catalog.INITS, problems):
+            init_options.append({})
+            continue
+        init_options.append(_init_options(where, init, problems))
+        if init["name"] == "from_run" and "run" not in init:
+            problems.add(where, "from_run needs 'run': [<study>/]<run_id>")
+        elif init["name"] != "from_run" and "run" in init:
+            problems.add(where, f"'run' is only for from_run, not '{init['name']}'")
+        if init["name"] == "pretrained":
+            for model in models:
+                model_spec = catalog.MODELS.get(model["name"])
+                if "pretrained" not in model.get("inits", ["pretrained"]):
+                    continue
+                if model_spec is not None and model_spec.pretrained is None:
+                    able = [n for n, x in catalog.MODELS.items() if x.pretrained]
+                    problems.add(
+                        where,
+                        f"model '{model['name']}' has no pretrained weights; models that do: "
+                        f"{', '.join(able)}",
+                    )
+    return init_options
+
+
+def _init_options(key: str, init: dict[str, Any], problems: Problems) -> dict[str, Any]:
+    """The options of the init entry ``init`` (at config key ``key``) that differ from the
     init's defaults (``catalog.INITS[name].defaults``), in one canonical form: ``layers`` in
     the registry's order, a ``bias`` mapping whose kinds all agree as one word. So an entry
     that spells out the defaults is the plain init (same run, same key)."""
-    name = it["name"]
+    name = init["name"]
     allowed = catalog.INITS[name].defaults
-    given = {k: v for k, v in it.items() if k not in INIT_ENTRY_KEYS}
-    for k in given:
-        if k not in allowed:
+    given = {k: v for k, v in init.items() if k not in INIT_ENTRY_KEYS}
+    for option in given:
+        if option not in allowed:
             kaiming = [n for n, x in catalog.INITS.items() if "mode" in x.defaults]
-            hint = f" ('mode' is for {', '.join(kaiming)} only)" if k == "mode" else ""
-            errors.append(
-                f"config key '{key}/{k}': init '{name}' has no option '{k}' (its options: "
-                f"{', '.join(allowed) or 'none'}){hint}. Remove the key."
+            hint = f" ('mode' is for {', '.join(kaiming)} only)" if option == "mode" else ""
+            problems.add(
+                f"{key}/{option}",
+                f"init '{name}' has no option '{option}' (its options: "
+                f"{', '.join(allowed) or 'none'}){hint}. Remove the key.",
             )
     out: dict[str, Any] = {}
     if "mode" in given and "mode" in allowed and given["mode"] != allowed["mode"]:
@@ -211,10 +322,11 @@ def _init_options(key: str, it: dict[str, Any], errors: list[str]) -> dict[str, 
         if isinstance(bias, dict):
             for kind in bias:
                 if kind not in layers:
-                    errors.append(
-                        f"config key '{key}/bias/{kind}': init '{name}' does not touch {kind} "
-                        f"layers (layers: {', '.join(layers)}), so their biases keep PyTorch's "
-                        f"default anyway; remove '{kind}' here or add it to 'layers'"
+                    problems.add(
+                        f"{key}/bias/{kind}",
+                        f"init '{name}' does not touch {kind} layers (layers: "
+                        f"{', '.join(layers)}), so their biases keep PyTorch's default anyway; "
+                        f"remove '{kind}' here or add it to 'layers'",
                     )
             bias = {k: bias.get(k, "zero") for k in catalog.INIT_BIAS_KINDS}
             if len(set(bias.values())) == 1:
@@ -224,264 +336,307 @@ def _init_options(key: str, it: dict[str, Any], errors: list[str]) -> dict[str, 
     return out
 
 
-def _inputs(key: str, s: dict[str, Any], errors: list[str]) -> dict[str, dict[str, int]]:
-    """Per dataset of the study, its input transform (``inputs``) with the no-op keys left
-    out; problems go to ``errors``."""
+def _check_optimizers(key: str, optimizers: list[dict[str, Any]], problems: Problems) -> None:
+    for i, optimizer in enumerate(optimizers):
+        name = optimizer["name"]
+        if not _check_name(
+            "optimizer", f"{key}/optimizers/{i}", name, catalog.OPTIMIZERS, problems
+        ):
+            continue
+        allowed = catalog.OPTIMIZER_SETTINGS[name]
+        for setting in optimizer:
+            if setting not in ("name", "label") and setting not in allowed:
+                problems.add(
+                    f"{key}/optimizers/{i}/{setting}",
+                    f"optimizer '{name}' has no setting '{setting}' (its settings: "
+                    f"{', '.join(allowed)}). Remove the key.",
+                )
+
+
+def _check_duplicates(
+    key: str,
+    study: dict[str, Any],
+    models: list[dict[str, Any]],
+    inits: list[dict[str, Any]],
+    optimizers: list[dict[str, Any]],
+    problems: Problems,
+) -> None:
+    """Each seed and dataset listed once, each model, init and optimizer label once (the
+    labels name the runs), and the inits a model restricts itself to among the study's."""
+    seeds = study["seeds"]
+    if len(set(seeds)) != len(seeds):
+        problems.add(f"{key}/seeds", f"duplicated seeds {seeds}; list each seed once")
+    for axis, entries in (("models", models), ("optimizers", optimizers)):
+        duplicated = _duplicates([_label(entry) for entry in entries])
+        if duplicated:
+            problems.add(
+                f"{key}/{axis}",
+                f"{', '.join(duplicated)} listed more than once; give each entry a distinct "
+                "'label' (it names the runs)",
+            )
+    if len(set(study["datasets"])) != len(study["datasets"]):
+        problems.add(key, "a dataset is listed twice; list each once")
+    init_labels = [_init_label(init) for init in inits]
+    if len(set(init_labels)) != len(inits):
+        problems.add(
+            f"{key}/inits",
+            f"{', '.join(_duplicates(init_labels))} listed more than once; list each once, "
+            "or give each entry a distinct 'label' (it names the runs)",
+        )
+    known = {init["name"] for init in inits} | set(init_labels)
+    for i, model in enumerate(models):
+        for wanted in model.get("inits", []):
+            if wanted not in known:
+                problems.add(
+                    f"{key}/models/{i}/inits",
+                    f"'{wanted}' is not among the study's inits ({', '.join(init_labels)})",
+                )
+
+
+def _check_inputs(key: str, study: dict[str, Any], problems: Problems) -> dict[str, dict[str, int]]:
+    """Per dataset of ``study``, its input transform (``inputs``) with the no-op keys left
+    out: ``{dataset: {pad_to: side, channels: 3}}``."""
     out: dict[str, dict[str, int]] = {}
-    for d, t in (s.get("inputs") or {}).items():
-        where = f"{key}/inputs/{d}"
-        if d not in s["datasets"]:
-            errors.append(
-                f"config key '{where}': '{d}' is not among the study's datasets "
-                f"({', '.join(s['datasets'])}); remove the entry or fix the name"
+    for dataset, transform in (study.get("inputs") or {}).items():
+        where = f"{key}/inputs/{dataset}"
+        if dataset not in study["datasets"]:
+            problems.add(
+                where,
+                f"'{dataset}' is not among the study's datasets "
+                f"({', '.join(study['datasets'])}); remove the entry or fix the name",
             )
             continue
-        ds = catalog.DATASETS.get(d)
-        if ds is None:
+        data = catalog.DATASETS.get(dataset)
+        if data is None:
             continue  # reported as an unknown dataset
         resolved = {}
-        pad_to = t.get("pad_to", ds.size)
-        if pad_to < ds.size:
-            errors.append(
-                f"config key '{where}/pad_to': {pad_to} is smaller than the {ds.size}x{ds.size} "
-                f"images of '{d}'; padding only grows an image: use at least {ds.size}"
+        pad_to = transform.get("pad_to", data.size)
+        if pad_to < data.size:
+            problems.add(
+                f"{where}/pad_to",
+                f"{pad_to} is smaller than the {data.size}x{data.size} images of '{dataset}'; "
+                f"padding only grows an image: use at least {data.size}",
             )
-        elif pad_to != ds.size:
+        elif pad_to != data.size:
             resolved["pad_to"] = pad_to
-        channels = t.get("channels", ds.channels)
-        if channels != ds.channels and ds.channels != 1:
-            errors.append(
-                f"config key '{where}/channels': '{d}' has {ds.channels} channels; an image "
-                f"is only repeated from 1 channel to 3: remove the key"
+        channels = transform.get("channels", data.channels)
+        if channels != data.channels and data.channels != 1:
+            problems.add(
+                f"{where}/channels",
+                f"'{dataset}' has {data.channels} channels; an image is only repeated from 1 "
+                "channel to 3: remove the key",
             )
-        elif channels != ds.channels:
+        elif channels != data.channels:
             resolved["channels"] = channels
         if resolved:
-            out[d] = resolved
+            out[dataset] = resolved
     return out
 
 
-def _check_name(kind: str, key: str, name: str, registry: dict[str, Any], errors: list[str]):
-    if name not in registry:
-        errors.append(
-            f"config key '{key}': unknown {kind} '{name}'. Valid {kind}s: {catalog.describe(registry)}"
-        )
-        return False
-    return True
-
-
-def _resolve_study(name: str, s: dict[str, Any], errors: list[str]) -> Study:
-    key = f"studies/{name}"
-    models = [_entry(m) for m in s["models"]]
-    optimizers = [_entry(o) for o in s["optimizers"]]
-    for i, m in enumerate(models):
-        if _check_name("model", f"{key}/models/{i}", m["name"], catalog.MODELS, errors):
-            spec = catalog.MODELS[m["name"]]
-            for k in MODEL_SETTINGS:
-                if k in m and k not in spec.settings:
-                    errors.append(
-                        f"config key '{key}/models/{i}/{k}': model '{m['name']}' has no setting '{k}'"
-                        f" (its settings: {', '.join(spec.settings) or 'none'}). Remove the key."
-                    )
-    for i, d in enumerate(s["datasets"]):
-        _check_name("dataset", f"{key}/datasets/{i}", d, catalog.DATASETS, errors)
-    inits = [_entry(it) for it in s["inits"]]
-    init_options: list[dict[str, Any]] = []
-    for i, it in enumerate(inits):
-        if not _check_name("init", f"{key}/inits/{i}", it["name"], catalog.INITS, errors):
-            init_options.append({})
-            continue
-        init_options.append(_init_options(f"{key}/inits/{i}", it, errors))
-        if (it["name"] == "from_run") != ("run" in it):
-            errors.append(
-                f"config key '{key}/inits/{i}': "
-                + ("from_run needs 'run': [<study>/]<run_id>" if "run" not in it else
-                   f"'run' is only for from_run, not '{it['name']}'")
-            )  # fmt: skip
-        if it["name"] == "pretrained":
-            for m in models:
-                spec = catalog.MODELS.get(m["name"])
-                if "pretrained" not in m.get("inits", ["pretrained"]):
-                    continue
-                if spec is not None and spec.pretrained is None:
-                    able = [n for n, x in catalog.MODELS.items() if x.pretrained]
-                    errors.append(
-                        f"config key '{key}/inits/{i}': model '{m['name']}' has no pretrained "
-                        f"weights; models that do: {', '.join(able)}"
-                    )
-    _check_name("schedule", f"{key}/schedule", s["schedule"], catalog.SCHEDULES, errors)
-    for i, o in enumerate(optimizers):
-        if _check_name("optimizer", f"{key}/optimizers/{i}", o["name"], catalog.OPTIMIZERS, errors):
-            allowed = catalog.OPTIMIZER_SETTINGS[o["name"]]
-            for k in o:
-                if k not in ("name", "label") and k not in allowed:
-                    errors.append(
-                        f"config key '{key}/optimizers/{i}/{k}': optimizer '{o['name']}' has no "
-                        f"setting '{k}' (its settings: {', '.join(allowed)}). Remove the key."
-                    )
-    if len(set(s["seeds"])) != len(s["seeds"]):
-        errors.append(
-            f"config key '{key}/seeds': duplicated seeds {s['seeds']}; list each seed once"
-        )
-    for axis, items in (("models", models), ("optimizers", optimizers)):
-        labels = [m.get("label", m["name"]) for m in items]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            errors.append(
-                f"config key '{key}/{axis}': {', '.join(dup)} listed more than once; give each "
-                "entry a distinct 'label' (it names the runs)"
+def _check_normalize(
+    key: str, study: dict[str, Any], inputs: dict[str, dict[str, int]], problems: Problems
+) -> None:
+    """A per-dataset ``normalize`` covers every dataset, with one mean and one std per
+    channel of the images the model sees (after ``inputs``)."""
+    normalize = study["normalize"]
+    if not isinstance(normalize, dict):
+        return
+    for dataset in study["datasets"]:
+        norm = normalize.get(dataset)
+        channels = inputs.get(dataset, {}).get("channels")
+        if channels is None and dataset in catalog.DATASETS:
+            channels = catalog.DATASETS[dataset].channels
+        if dataset not in normalize:
+            problems.add(
+                f"{key}/normalize",
+                f"nothing for dataset '{dataset}' (give per dataset {{mean, std}}, true for the "
+                "training split's statistics or false for pixels in [0, 1])",
             )
-    init_labels = [_init_label(it) for it in inits]
-    if len(set(s["datasets"])) != len(s["datasets"]):
-        errors.append(f"config key '{key}': a dataset is listed twice; list each once")
-    if len(set(init_labels)) != len(inits):
-        dup = sorted({x for x in init_labels if init_labels.count(x) > 1})
-        errors.append(
-            f"config key '{key}/inits': {', '.join(dup)} listed more than once; list each once, "
-            "or give each entry a distinct 'label' (it names the runs)"
-        )
-    for i, m in enumerate(models):
-        for it in m.get("inits", []):
-            if it not in {x["name"] for x in inits} | set(init_labels):
-                errors.append(
-                    f"config key '{key}/models/{i}/inits': '{it}' is not among the study's "
-                    f"inits ({', '.join(init_labels)})"
-                )
-    inputs = _inputs(key, s, errors)
-    if isinstance(s["normalize"], dict):
-        for d in s["datasets"]:
-            norm = s["normalize"].get(d)
-            channels = inputs.get(d, {}).get("channels")
-            if channels is None and d in catalog.DATASETS:
-                channels = catalog.DATASETS[d].channels
-            if d not in s["normalize"]:
-                errors.append(
-                    f"config key '{key}/normalize': nothing for dataset '{d}' (give per dataset "
-                    "{mean, std}, true for the training split's statistics or false for pixels "
-                    "in [0, 1])"
-                )
-            elif (
-                isinstance(norm, dict)
-                and channels is not None
-                and any(len(norm[k]) != channels for k in ("mean", "std"))
-            ):
-                after = f" (after inputs/{d}/channels)" if d in inputs else ""
-                errors.append(
-                    f"config key '{key}/normalize/{d}': give {channels} value(s) for mean and "
-                    f"for std, one per channel of the images{after}"
-                )
-    ckpt = s.get("checkpoint") or {}
-    every_epochs, every_steps = ckpt.get("every_epochs"), ckpt.get("every_steps")
-    if every_epochs is None and every_steps is None:
-        errors.append(
-            f"config key '{key}/checkpoint': set every_epochs and/or every_steps "
-            "(the init and the final weights are always saved)"
-        )
-    if errors:
-        return Study(name, {}, (), {})
+        elif (
+            isinstance(norm, dict)
+            and channels is not None
+            and any(len(norm[k]) != channels for k in ("mean", "std"))
+        ):
+            after = f" (after inputs/{dataset}/channels)" if dataset in inputs else ""
+            problems.add(
+                f"{key}/normalize/{dataset}",
+                f"give {channels} value(s) for mean and for std, one per channel of the "
+                f"images{after}",
+            )
 
-    runs: dict[str, RunSpec] = {}
-    measures = dict(s["measures"])
+
+def _check_cadence(key: str, study: dict[str, Any], problems: Problems) -> None:
+    """The study saves checkpoints at some cadence (epochs, steps or both)."""
+    checkpoint = study.get("checkpoint") or {}
+    if checkpoint.get("every_epochs") is None and checkpoint.get("every_steps") is None:
+        problems.add(
+            f"{key}/checkpoint",
+            "set every_epochs and/or every_steps (the init and the final weights are always saved)",
+        )
+
+
+def _check_run_cadence(key: str, run: RunSpec, problems: Problems) -> None:
+    """The batch of ``run`` fits its training split, and each checkpoint cadence fires
+    within its training."""
+    train_size = catalog.DATASETS[run.dataset].train_size
+    if run.batch_size > train_size:
+        problems.add(
+            f"{key}/batch_size",
+            f"{run.batch_size} is larger than the {train_size} training images of "
+            f"'{run.dataset}'; use at most {train_size}",
+        )
+    every_epochs, every_steps = run.checkpoint_every_epochs, run.checkpoint_every_steps
+    if every_epochs is not None and every_epochs > run.epochs:
+        problems.add(
+            f"{key}/checkpoint/every_epochs",
+            f"{every_epochs} never fires in {run.epochs} epochs (model {run.model} on "
+            f"{run.dataset}); use a value <= {run.epochs}",
+        )
+    steps = run.steps_per_epoch * run.epochs
+    if every_steps is not None and every_steps > steps:
+        problems.add(
+            f"{key}/checkpoint/every_steps",
+            f"{every_steps} never fires in the {steps} steps of model {run.model} on "
+            f"{run.dataset}; use a smaller value",
+        )
+
+
+# --- a study: its runs -------------------------------------------------------------------
+
+
+def _resolve_study(name: str, study: dict[str, Any], problems: Problems) -> Study:
+    """The study ``name`` (its config mapping ``study``, any variant applied) checked and
+    expanded into its runs and their perturbation branches. When a check before the grid
+    fails, an empty Study: expanding the grid would only repeat the problem."""
+    key = f"studies/{name}"
+    models = [_entry(item) for item in study["models"]]
+    inits = [_entry(item) for item in study["inits"]]
+    optimizers = [_entry(item) for item in study["optimizers"]]
+    found = len(problems)
+    init_options = _check_names(key, study, models, inits, optimizers, problems)
+    _check_duplicates(key, study, models, inits, optimizers, problems)
+    inputs = _check_inputs(key, study, problems)
+    _check_normalize(key, study, inputs, problems)
+    _check_cadence(key, study, problems)
+    if len(problems) > found:
+        return Study(name, {}, (), {})
+    runs = _expand_grid(name, study, models, inits, init_options, optimizers, inputs, problems)
+    runs.update(_branches(key, runs, study, problems))
+    return Study(
+        name,
+        runs,
+        tuple(study["datasets"]),
+        dict(study["figures"]),
+        keep_step_checkpoints=(study.get("checkpoint") or {}).get("keep_steps", True),
+        features=dict(study["features"]),
+        gradients=dict(study["gradients"]),
+        similarity_pairs=_pairs(runs, study["similarity"]["pairs"]),
+    )
+
+
+def _optimizer_settings(
+    study: dict[str, Any], optimizer: dict[str, Any], model: dict[str, Any]
+) -> dict[str, Any]:
+    """The settings of the optimizer entry ``optimizer`` for the runs of the model entry
+    ``model`` in ``study``. Each level overrides the ones before it:
+
+        catalog default (``catalog.OPTIMIZERS[name].defaults``)
+        < study (its ``lr``, ``weight_decay``)
+        < optimizer entry (every setting it gives)
+        < model entry (its ``lr``, ``weight_decay``)
+    """
+    settings = dict(catalog.OPTIMIZERS[optimizer["name"]].defaults)
+    settings.update({k: study[k] for k in ("lr", "weight_decay") if k in study})
+    settings.update({k: v for k, v in optimizer.items() if k not in ("name", "label")})
+    settings.update({k: model[k] for k in ("lr", "weight_decay") if k in model})
+    return settings
+
+
+def _expand_grid(
+    name: str,
+    study: dict[str, Any],
+    models: list[dict[str, Any]],
+    inits: list[dict[str, Any]],
+    init_options: list[dict[str, Any]],
+    optimizers: list[dict[str, Any]],
+    inputs: dict[str, dict[str, int]],
+    problems: Problems,
+) -> dict[str, RunSpec]:
+    """The runs of the grid models x datasets x inits x optimizers x seeds, in that order,
+    keyed by run id ``<model>_<dataset>_<init>_<optimizer>_s<seed>``; a model entry with its
+    own ``inits`` takes only those."""
+    key = f"studies/{name}"
+    checkpoint = study.get("checkpoint") or {}
+    normalize = study["normalize"]
+    measures = dict(study["measures"])
     if not measures.get("exclude", True):
         del measures["exclude"]  # [] = the default: every parameter
-    for m, d, (init, options), o, seed in itertools.product(
-        models, s["datasets"], list(zip(inits, init_options, strict=True)), optimizers, s["seeds"]
-    ):
-        it = _init_label(init)
-        if "inits" in m and init["name"] not in m["inits"] and it not in m["inits"]:
+    runs: dict[str, RunSpec] = {}
+    grid = itertools.product(
+        models,
+        study["datasets"],
+        list(zip(inits, init_options, strict=True)),
+        optimizers,
+        study["seeds"],
+    )
+    for model, dataset, (init, options), optimizer, seed in grid:
+        init_label = _init_label(init)
+        if "inits" in model and not {init["name"], init_label} & set(model["inits"]):
             continue  # this model takes only some of the study's inits
         source = init.get("run")
         if source is not None and "/" not in source:
             source = f"{name}/{source}"
-        opt_name = o["name"]
-        opt = dict(catalog.OPTIMIZERS[opt_name].defaults)
-        for k in ("lr", "weight_decay"):
-            if k in s:
-                opt[k] = s[k]
-        opt.update({k: v for k, v in o.items() if k not in ("name", "label")})
-        for k in ("lr", "weight_decay"):
-            if k in m:
-                opt[k] = m[k]
-        epochs = m.get("epochs", s["epochs"])
-        batch_size = m.get("batch_size", s["batch_size"])
-        model_label = m.get("label", m["name"])
-        opt_label = o.get("label", opt_name)
-        run_id = f"{model_label}_{d}_{it}_{opt_label}_s{seed}"
-        ds = catalog.DATASETS[d]
-        steps_per_epoch = -(-ds.train_size // batch_size)
-        if batch_size > ds.train_size:
-            errors.append(
-                f"config key '{key}/batch_size': {batch_size} is larger than the {ds.train_size} "
-                f"training images of '{d}'; use at most {ds.train_size}"
-            )
-        if every_epochs is not None and every_epochs > epochs:
-            errors.append(
-                f"config key '{key}/checkpoint/every_epochs': {every_epochs} never fires in "
-                f"{epochs} epochs (model {model_label} on {d}); use a value <= {epochs}"
-            )
-        if every_steps is not None and every_steps > steps_per_epoch * epochs:
-            errors.append(
-                f"config key '{key}/checkpoint/every_steps': {every_steps} never fires in the "
-                f"{steps_per_epoch * epochs} steps of model {model_label} on {d}; use a smaller value"
-            )
-        if run_id in runs:
-            errors.append(f"config key '{key}': two grid points share the run id {run_id}")
-        runs[run_id] = RunSpec(
+        model_label, optimizer_label = _label(model), _label(optimizer)
+        run = RunSpec(
             study=name,
-            run_id=run_id,
+            run_id=f"{model_label}_{dataset}_{init_label}_{optimizer_label}_s{seed}",
             model=model_label,
-            model_name=m["name"],
-            model_settings={k: m[k] for k in MODEL_SETTINGS if k in m},
-            shortcut=catalog.MODELS[m["name"]].shortcut,
-            dataset=d,
-            init=it,
+            model_name=model["name"],
+            model_settings={k: model[k] for k in MODEL_SETTINGS if k in model},
+            shortcut=catalog.MODELS[model["name"]].shortcut,
+            dataset=dataset,
+            init=init_label,
             init_name=init["name"],
             init_source=source,
-            optimizer=opt_label,
-            optimizer_name=opt_name,
-            optimizer_settings=opt,
+            optimizer=optimizer_label,
+            optimizer_name=optimizer["name"],
+            optimizer_settings=_optimizer_settings(study, optimizer, model),
             seed=seed,
-            epochs=epochs,
-            batch_size=batch_size,
-            eval_batch_size=s["eval_batch_size"],
-            schedule=s["schedule"],
-            normalize=(s["normalize"][d] if isinstance(s["normalize"], dict) else s["normalize"]),
-            augment=s["augment"],
-            checkpoint_every_epochs=every_epochs,
-            checkpoint_every_steps=every_steps,
-            precision=s["precision"],
-            compile=s["compile"],
-            gradients_every_steps=s["gradients"].get("every_steps"),
-            track_grad_reached=s["gradients"]["track_reached"],
+            epochs=model.get("epochs", study["epochs"]),
+            batch_size=model.get("batch_size", study["batch_size"]),
+            eval_batch_size=study["eval_batch_size"],
+            schedule=study["schedule"],
+            normalize=normalize[dataset] if isinstance(normalize, dict) else normalize,
+            augment=study["augment"],
+            checkpoint_every_epochs=checkpoint.get("every_epochs"),
+            checkpoint_every_steps=checkpoint.get("every_steps"),
+            precision=study["precision"],
+            compile=study["compile"],
+            gradients_every_steps=study["gradients"].get("every_steps"),
+            track_grad_reached=study["gradients"]["track_reached"],
             measures=dict(measures),
             init_options=options,
-            inputs=inputs.get(d, {}),
+            inputs=inputs.get(dataset, {}),
         )
-    runs.update(_branches(key, runs, s, errors))
-    return Study(
-        name,
-        runs,
-        tuple(s["datasets"]),
-        dict(s["figures"]),
-        keep_step_checkpoints=ckpt.get("keep_steps", True),
-        features=dict(s["features"]),
-        gradients=dict(s["gradients"]),
-        similarity_pairs=_pairs(runs, s["similarity"]["pairs"]),
-    )
+        _check_run_cadence(key, run, problems)
+        if run.run_id in runs:
+            problems.add(key, f"two grid points share the run id {run.run_id}")
+        runs[run.run_id] = run
+    return runs
 
 
-def _branches(key: str, runs: dict[str, RunSpec], s: dict[str, Any], errors: list[str]):
+def _branches(key: str, runs: dict[str, RunSpec], study: dict[str, Any], problems: Problems):
     """A perturb-and-retrain branch of every run for every perturbation of the study."""
     from .perturb import validate_perturbation
 
     out: dict[str, RunSpec] = {}
     labels = []
-    for i, entry in enumerate(s["perturbations"]):
+    for i, entry in enumerate(study["perturbations"]):
         options = {k: v for k, v in entry.items() if k not in ("name", "label")}
         try:
             validate_perturbation(entry["name"], options)
         except ValueError as e:
-            errors.append(f"config key '{key}/perturbations/{i}': {e}")
+            problems.add(f"{key}/perturbations/{i}", str(e))
             continue
         label = entry.get("label", entry["name"].replace("_", "-"))
         labels.append(label)
@@ -490,14 +645,14 @@ def _branches(key: str, runs: dict[str, RunSpec], s: dict[str, Any], errors: lis
             out[branch] = RunSpec(**{
                 **run.to_dict(),
                 "run_id": branch,
-                "seed": run.seed + s["perturb_seed_offset"],
+                "seed": run.seed + study["perturb_seed_offset"],
                 "init_name": "perturbed",
                 "init_source": f"{run.study}/{run.run_id}",
                 "perturbation": label,
                 "perturbation_options": {"name": entry["name"], **options},
             })  # fmt: skip
     if len(set(labels)) != len(labels):
-        errors.append(f"config key '{key}/perturbations': give each entry a distinct 'label'")
+        problems.add(f"{key}/perturbations", "give each entry a distinct 'label'")
     return out
 
 
@@ -521,6 +676,9 @@ def _pairs(runs: dict[str, RunSpec], kinds: list[str]) -> tuple[tuple[str, str, 
     return tuple(pairs)
 
 
+# --- the config: studies selected, variants, sources -------------------------------------
+
+
 def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) -> dict[str, Study]:
     """Validate ``config`` (in place: schema defaults are filled in) and expand the selected
     studies into runs. Raises :class:`ConfigError` listing every mistake found."""
@@ -529,42 +687,54 @@ def load_studies(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) ->
             "the config is empty: give a config.yaml with a 'studies' mapping (see README)"
         )
     validate_schema(config, schema)
-    errors: list[str] = []
+    problems = Problems()
+    selected = _selected(config, problems)
+    if not _variant_is_defined(config, selected, problems):
+        problems.raise_if_any()  # the recipe to check is unknown: stop before the grids
+    studies = {}
+    for name in selected:
+        full_name, study = _variant(config, name, schema)
+        resolved = _resolve_study(full_name, study, problems)
+        studies[full_name] = _with_claims(resolved, study, config, name, problems)
+    _check_sources(config, studies, problems, schema)
+    _check_offline(config, studies, problems)
+    problems.raise_if_any()
+    return studies
+
+
+def _selected(config: dict[str, Any], problems: Problems) -> list[str]:
+    """The studies named by ``run`` (all when it is unset) that the config defines."""
     selected = config.get("run") or list(config["studies"])
     if isinstance(selected, str):
         selected = [selected]
     for name in selected:
         if name not in config["studies"]:
-            errors.append(
-                f"config key 'run': no study named '{name}'. Studies in this config: "
-                f"{', '.join(config['studies'])}"
+            problems.add(
+                "run",
+                f"no study named '{name}'. Studies in this config: {', '.join(config['studies'])}",
             )
-    studies = {}
-    for name in selected:
-        if name in config["studies"]:
-            resolved, study = _variant(config, name, schema)
-            studies[resolved] = _with_claims(
-                _resolve_study(resolved, study, errors), study, config, name, errors
-            )
-    _check_sources(config, studies, errors, schema)
-    if not config["download"]:
-        used = sorted({d for s in studies.values() for d in s.datasets})
-        for d in used:
-            missing = missing_files(d, config["data_dir"])
-            if missing:
-                errors.append(
-                    f"config key 'download': false, but dataset '{d}' is not in data_dir "
-                    f"'{config['data_dir']}' (missing {missing[0]}). Place torchvision's files "
-                    "there, point data_dir at them, or set download: true"
-                )
-    errors = list(dict.fromkeys(errors))  # one grid problem shows once, not once per run
-    if errors:
-        raise ConfigError(
-            "the config has {} problem{}:\n  - {}".format(
-                len(errors), "s" * (len(errors) > 1), "\n  - ".join(errors)
-            )
-        )
-    return studies
+    return [name for name in selected if name in config["studies"]]
+
+
+def _variant_is_defined(config: dict[str, Any], selected: list[str], problems: Problems) -> bool:
+    """Whether some selected study defines the config's ``variant`` (``default`` always is):
+    a name none defines is a typo, refused with the variants that exist. A selected study
+    without it runs as written (``make demo`` runs study ``demo``, which has no variants,
+    with the others' ``demo`` variants)."""
+    variant = config.get("variant", "default")
+    defined = {name: config["studies"][name].get("variants", {}) for name in selected}
+    if variant == "default" or not selected or any(variant in v for v in defined.values()):
+        return True
+    every = {v for study in config["studies"].values() for v in study.get("variants", {})}
+    message = (
+        f"no study selected by 'run' ({', '.join(dict.fromkeys(selected))}) defines a variant "
+        f"'{variant}'. Variants in this config: {', '.join(['default', *sorted(every)])}"
+    )
+    elsewhere = [n for n, s in config["studies"].items() if variant in s.get("variants", {})]
+    if elsewhere:
+        message += f" ('{variant}' is a variant of {', '.join(elsewhere)}: add it to 'run')"
+    problems.add("variant", message)
+    return False
 
 
 def _variant(config: dict[str, Any], name: str, schema) -> tuple[str, dict[str, Any]]:
@@ -592,43 +762,58 @@ def _merge_variant(name: str, study: dict[str, Any], variant: str, schema) -> di
 
 
 def _check_sources(
-    config: dict[str, Any], studies: dict[str, Study], errors: list[str], schema
+    config: dict[str, Any], studies: dict[str, Study], problems: Problems, schema
 ) -> None:
     """Each from_run init names a run that exists, with the same model; a study that is not
     selected but holds such a run is resolved too (not a target: its runs train as needed),
     under the config's variant like the others."""
     import dataclasses
 
-    for study in list(studies.values()):
-        for run_id, run in list(study.runs.items()):
+    for resolved in list(studies.values()):
+        key = f"studies/{resolved.name}/inits"
+        for run_id, run in list(resolved.runs.items()):
             if run.init_source is None:
                 continue
-            src_study, _, src_run = run.init_source.partition("/")
-            if src_study in config["studies"] and src_study != study.name:
-                resolved, raw = _variant(config, src_study, schema)
-                if resolved not in studies:
-                    extra = _resolve_study(resolved, raw, errors)
-                    studies[resolved] = Study(**{**extra.__dict__, "target": False})
-                if resolved != src_study:
-                    src_study = resolved
-                    run = dataclasses.replace(run, init_source=f"{resolved}/{src_run}")
-                    study.runs[run_id] = run
-            source = studies.get(src_study, Study("", {}, (), {})).runs.get(src_run)
+            source_study, _, source_run = run.init_source.partition("/")
+            if source_study in config["studies"] and source_study != resolved.name:
+                full_name, study = _variant(config, source_study, schema)
+                if full_name not in studies:
+                    extra = _resolve_study(full_name, study, problems)
+                    studies[full_name] = dataclasses.replace(extra, target=False)
+                if full_name != source_study:
+                    source_study = full_name
+                    run = dataclasses.replace(run, init_source=f"{full_name}/{source_run}")
+                    resolved.runs[run_id] = run
+            source = studies.get(source_study, Study("", {}, (), {})).runs.get(source_run)
             if source is None:
-                errors.append(
-                    f"config key 'studies/{study.name}/inits': from_run names no run "
-                    f"'{run.init_source}' (give [<study>/]<run_id> of a run in this config)"
+                problems.add(
+                    key,
+                    f"from_run names no run '{run.init_source}' (give [<study>/]<run_id> of a "
+                    "run in this config)",
                 )
             elif (source.model_name, source.model_settings) != (run.model_name, run.model_settings):
-                errors.append(
-                    f"config key 'studies/{study.name}/inits': run {run.run_id} (model "
-                    f"{run.model}) cannot start from {run.init_source} (model {source.model}); "
-                    "from_run needs the same model"
+                problems.add(
+                    key,
+                    f"run {run.run_id} (model {run.model}) cannot start from {run.init_source} "
+                    f"(model {source.model}); from_run needs the same model",
                 )
-            elif run.init_source == f"{study.name}/{run.run_id}":
-                errors.append(
-                    f"config key 'studies/{study.name}/inits': {run.run_id} starts from itself"
-                )
+            elif run.init_source == f"{resolved.name}/{run.run_id}":
+                problems.add(key, f"{run.run_id} starts from itself")
+
+
+def _check_offline(config: dict[str, Any], studies: dict[str, Study], problems: Problems) -> None:
+    """Without ``download``, every dataset the studies use is already in ``data_dir``."""
+    if config["download"]:
+        return
+    for dataset in sorted({d for resolved in studies.values() for d in resolved.datasets}):
+        missing = missing_files(dataset, config["data_dir"])
+        if missing:
+            problems.add(
+                "download",
+                f"false, but dataset '{dataset}' is not in data_dir '{config['data_dir']}' "
+                f"(missing {missing[0]}). Place torchvision's files there, point data_dir at "
+                "them, or set download: true",
+            )
 
 
 # --- claims ------------------------------------------------------------------------------
@@ -659,126 +844,152 @@ def _vocabulary(config: dict[str, Any], name: str) -> dict[str, set[str]]:
     forms = [base] + [{**base, **v} for v in config["studies"][name].get("variants", {}).values()]
     vocab: dict[str, set[str]] = {c: set() for c in catalog.CLAIM_COLUMNS}
     vocab["perturbation"].add("")
-    for s in forms:
-        for m in (_entry(x) for x in s.get("models", [])):
-            vocab["model"].add(m.get("label", m["name"]))
-            vocab["model_name"].add(m["name"])
-            if m["name"] in catalog.MODELS:
-                vocab["shortcut"].add(catalog.MODELS[m["name"]].shortcut)
-        vocab["dataset"].update(s.get("datasets", []))
-        vocab["init"].update(_init_label(_entry(x)) for x in s.get("inits", []))
-        vocab["optimizer"].update(
-            o.get("label", o["name"]) for o in (_entry(x) for x in s.get("optimizers", []))
-        )
+    for form in forms:
+        for model in (_entry(x) for x in form.get("models", [])):
+            vocab["model"].add(_label(model))
+            vocab["model_name"].add(model["name"])
+            if model["name"] in catalog.MODELS:
+                vocab["shortcut"].add(catalog.MODELS[model["name"]].shortcut)
+        vocab["dataset"].update(form.get("datasets", []))
+        vocab["init"].update(_init_label(_entry(x)) for x in form.get("inits", []))
+        vocab["optimizer"].update(_label(_entry(x)) for x in form.get("optimizers", []))
         vocab["perturbation"].update(
-            p.get("label", p["name"].replace("_", "-")) for p in s.get("perturbations", [])
+            p.get("label", p["name"].replace("_", "-")) for p in form.get("perturbations", [])
         )
     return vocab
 
 
-def _check_param(where: str, p: catalog.ClaimParam, value: Any, vocab, errors: list[str]):
+def _check_param(
+    where: str, param: catalog.ClaimParam, value: Any, vocab, problems: Problems
+) -> None:
     cols = ", ".join(catalog.CLAIM_COLUMNS)
-    if p.kind == "filter":
+    if param.kind == "filter":
         if not isinstance(value, dict):
-            errors.append(f"config key '{where}': give a mapping {{column: value or [values]}}")
+            problems.add(where, "give a mapping {column: value or [values]}")
             return
         for col, v in value.items():
             if col not in catalog.CLAIM_COLUMNS:
-                errors.append(f"config key '{where}/{col}': unknown column; columns: {cols}")
+                problems.add(f"{where}/{col}", f"unknown column; columns: {cols}")
                 continue
-            values = v if isinstance(v, list) else [v]
-            for x in values:
+            for x in v if isinstance(v, list) else [v]:
                 if not isinstance(x, str) or x not in vocab[col]:
                     known = ", ".join(repr(k) for k in sorted(vocab[col]))
-                    errors.append(
-                        f"config key '{where}/{col}': {x!r} is no {col} of this study or its "
-                        f"variants ({known})"
+                    problems.add(
+                        f"{where}/{col}",
+                        f"{x!r} is no {col} of this study or its variants ({known})",
                     )
-    elif p.kind == "columns":
+    elif param.kind == "columns":
         if not isinstance(value, list) or any(c not in catalog.CLAIM_COLUMNS for c in value):
-            errors.append(f"config key '{where}': give a list of columns among {cols}")
-    elif p.kind == "choice":
-        if value not in p.choices:
-            errors.append(f"config key '{where}': {value!r} is not one of {', '.join(p.choices)}")
-    elif p.kind == "bool":
+            problems.add(where, f"give a list of columns among {cols}")
+    elif param.kind == "choice":
+        if value not in param.choices:
+            problems.add(where, f"{value!r} is not one of {', '.join(param.choices)}")
+    elif param.kind == "bool":
         if not isinstance(value, bool):
-            errors.append(f"config key '{where}': give true or false")
-    elif p.kind == "string" and value is not None and not isinstance(value, str):
-        errors.append(f"config key '{where}': give a string")
+            problems.add(where, "give true or false")
+    elif param.kind == "string" and value is not None and not isinstance(value, str):
+        problems.add(where, "give a string")
 
 
 def _with_claims(
-    study: Study, s: dict[str, Any], config: dict[str, Any], base: str, errors: list[str]
+    resolved: Study, study: dict[str, Any], config: dict[str, Any], base: str, problems: Problems
 ) -> Study:
-    """``study`` with its claims validated against the registry of claim tests
-    (catalog.CLAIM_TESTS), their params completed with the defaults, and a note on each
-    claim that this variant's runs cannot test; plus min_accuracy and the models marked
-    expect_failure (neither is a hyper-parameter: no run id or RunSpec changes)."""
+    """``resolved`` (study ``base`` of ``config``, its mapping ``study``) with its claims
+    validated against the registry of claim tests (catalog.CLAIM_TESTS), their params
+    completed with the defaults, and a note on each claim that this variant's runs cannot
+    test; plus min_accuracy and the models marked expect_failure (neither is a
+    hyper-parameter: no run id or RunSpec changes)."""
     import dataclasses
 
-    key = f"studies/{study.name}/claims"
+    key = f"studies/{resolved.name}/claims"
     vocab = _vocabulary(config, base)
     claims, ids = [], set()
-    for i, c in enumerate(s.get("claims", [])):
-        where, n_errors = f"{key}/{i}", len(errors)
-        if c["id"] in ids:
-            errors.append(f"config key '{where}/id': claim id '{c['id']}' is used twice")
-        ids.add(c["id"])
-        test = catalog.CLAIM_TESTS.get(c["test"])
+    for i, claim in enumerate(study.get("claims", [])):
+        where, found = f"{key}/{i}", len(problems)
+        if claim["id"] in ids:
+            problems.add(f"{where}/id", f"claim id '{claim['id']}' is used twice")
+        ids.add(claim["id"])
+        test = catalog.CLAIM_TESTS.get(claim["test"])
         if test is None:
-            errors.append(
-                f"config key '{where}/test': unknown claim test '{c['test']}'. Valid claim "
-                f"tests: {catalog.describe(catalog.CLAIM_TESTS)}"
+            problems.add(
+                f"{where}/test",
+                f"unknown claim test '{claim['test']}'. Valid claim tests: "
+                f"{catalog.describe(catalog.CLAIM_TESTS)}",
             )
             continue
-        given = c.get("params") or {}
-        params = {}
-        for k in given:
-            if k not in test.params:
-                errors.append(
-                    f"config key '{where}/params/{k}': test '{test.name}' has no parameter "
-                    f"'{k}' (its parameters: {', '.join(test.params)})"
-                )
-        for k, p in test.params.items():
-            if k not in given:
-                if p.required:
-                    errors.append(
-                        f"config key '{where}/params': test '{test.name}' needs '{k}' ({p.doc})"
-                    )
-                params[k] = p.default
-                continue
-            _check_param(f"{where}/params/{k}", p, given[k], vocab, errors)
-            params[k] = given[k]
-        for k in ("branch", "control"):
-            if k in test.params and params.get(k) not in (None, *vocab["perturbation"]):
-                known = ", ".join(sorted(vocab["perturbation"] - {""})) or "none"
-                errors.append(
-                    f"config key '{where}/params/{k}': no perturbation labelled "
-                    f"'{params[k]}' in this study or its variants (labels: {known})"
-                )
-        if test.name == "gradient_ratio" and not s["gradients"].get("every_steps"):
-            errors.append(
-                f"config key '{where}': test gradient_ratio needs gradient records: set "
-                f"gradients.every_steps in study '{study.name}' (or override its claims)"
-            )
-        needs_masks = test.name == "share_unchanged" and params["measure"].startswith("never")
-        if needs_masks and not s["gradients"]["track_reached"]:
-            errors.append(
-                f"config key '{where}/params/measure': '{params['measure']}' needs "
-                f"gradients.track_reached: true in study '{study.name}'"
-            )
+        params = _claim_params(where, test, claim.get("params") or {}, vocab, problems)
+        _check_claim_records(where, test.name, params, study, resolved.name, problems)
         claims.append({
-            "id": c["id"], "statement": c["statement"], "test": test.name, "params": params,
-            "threshold": float(c["threshold"]), "expect": c["expect"],
-            "note": _untested(study, test.name, params) if len(errors) == n_errors else "",
+            "id": claim["id"], "statement": claim["statement"], "test": test.name,
+            "params": params, "threshold": float(claim["threshold"]), "expect": claim["expect"],
+            "note": _untested(resolved, test.name, params) if len(problems) == found else "",
         })  # fmt: skip
-    models = [_entry(m) for m in s["models"]]
+    models = [_entry(item) for item in study["models"]]
     return dataclasses.replace(
-        study,
+        resolved,
         claims=tuple(claims),
-        min_accuracy=s.get("min_accuracy"),
-        expect_failure=tuple(m.get("label", m["name"]) for m in models if m.get("expect_failure")),
+        min_accuracy=study.get("min_accuracy"),
+        expect_failure=tuple(_label(model) for model in models if model.get("expect_failure")),
     )
+
+
+def _claim_params(
+    where: str,
+    test: catalog.ClaimTestSpec,
+    given: dict[str, Any],
+    vocab: dict[str, set[str]],
+    problems: Problems,
+) -> dict[str, Any]:
+    """The params of a claim (at config key ``where``) of ``test``: those ``given``,
+    checked, and the test's defaults for the others."""
+    for name in given:
+        if name not in test.params:
+            problems.add(
+                f"{where}/params/{name}",
+                f"test '{test.name}' has no parameter '{name}' (its parameters: "
+                f"{', '.join(test.params)})",
+            )
+    params = {}
+    for name, param in test.params.items():
+        if name in given:
+            _check_param(f"{where}/params/{name}", param, given[name], vocab, problems)
+            params[name] = given[name]
+            continue
+        if param.required:
+            problems.add(f"{where}/params", f"test '{test.name}' needs '{name}' ({param.doc})")
+        params[name] = param.default
+    for name in ("branch", "control"):
+        if name in test.params and params.get(name) not in (None, *vocab["perturbation"]):
+            known = ", ".join(sorted(vocab["perturbation"] - {""})) or "none"
+            problems.add(
+                f"{where}/params/{name}",
+                f"no perturbation labelled '{params[name]}' in this study or its variants "
+                f"(labels: {known})",
+            )
+    return params
+
+
+def _check_claim_records(
+    where: str,
+    test: str,
+    params: dict[str, Any],
+    study: dict[str, Any],
+    name: str,
+    problems: Problems,
+) -> None:
+    """The runs of ``study`` (named ``name``) record what the claim's test reads."""
+    if test == "gradient_ratio" and not study["gradients"].get("every_steps"):
+        problems.add(
+            where,
+            "test gradient_ratio needs gradient records: set gradients.every_steps in study "
+            f"'{name}' (or override its claims)",
+        )
+    never = test == "share_unchanged" and params["measure"].startswith("never")
+    if never and not study["gradients"]["track_reached"]:
+        problems.add(
+            f"{where}/params/measure",
+            f"'{params['measure']}' needs gradients.track_reached: true in study '{name}'",
+        )
 
 
 def _untested(study: Study, test: str, params: dict[str, Any]) -> str:
