@@ -152,8 +152,42 @@ def test_shipped_config_is_valid():
         cfg = yaml.safe_load(f)
     cfg["run"] = list(cfg["studies"])
     studies = load_studies(cfg, DEFAULT_SCHEMA)
-    assert len(studies["demo"].runs) == 16
+    assert len(studies["demo"].runs) == 6
     assert len(studies["depth"].runs) == 12 * 4 * 3
+
+
+def test_perturbations_branch_from_the_runs_their_where_selects():
+    with open(DEFAULT_SCHEMA.parents[1] / "config.yaml") as f:
+        cfg = yaml.safe_load(f)
+    cfg["run"], cfg["variant"] = ["dynamics"], "demo"
+    runs = load_studies(cfg, DEFAULT_SCHEMA)["dynamics-demo"].runs
+    branches = [r for r in runs.values() if r.perturbation]
+    # 2 models x 2 optimizers x 3 seeds; the three perturbations branch from the SGD runs
+    assert len(runs) - len(branches) == 12
+    assert len(branches) == 3 * 6
+    assert {r.optimizer for r in branches} == {"sgd"}
+    assert all("where" not in r.perturbation_options for r in branches)
+    # the default study (no where): every run branches
+    cfg["variant"] = "default"
+    runs = load_studies(cfg, DEFAULT_SCHEMA)["dynamics"].runs
+    assert sum(bool(r.perturbation) for r in runs.values()) == 3 * sum(
+        not r.perturbation for r in runs.values()
+    )
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ({"optimiser": "sgd"}, "unknown field 'optimiser'; filter on model, model_name"),
+        ({"optimizer": "sgdd"}, "matches no run of the study"),
+    ],
+)
+def test_a_bad_perturbation_where_is_refused(where, message):
+    cfg = _with("studies/s/perturbations", [{"name": "identity", "where": where}])
+    with pytest.raises(ConfigError) as e:
+        _load(cfg)
+    assert "config key 'studies/s/perturbations/0/where'" in str(e.value)
+    assert message in str(e.value)
 
 
 def test_offline_with_a_missing_preplaced_dataset(tmp_path):

@@ -166,8 +166,9 @@ def test_disk_estimate_counts_checkpoints(capsys):
     assert main(["disk", str(repo / "config.yaml"), "--run", "demo"]) == 0
     out = capsys.readouterr().out.splitlines()
     demo = next(line for line in out if line.startswith("demo")).split()
-    # 16 runs x 13 checkpoints: steps 0, 10, ..., 90, the 3 epoch ends (32, 64, 96)
-    assert demo[1:4] == ["16", "208", "144"]
+    # 6 runs x 37 checkpoints: steps 0, 10, ..., 310 and the 5 epoch ends (63, ..., 315),
+    # of which 31 are mid-epoch
+    assert demo[1:4] == ["6", "222", "186"]
     spec = make_spec()  # 512 images, batch 32: 16 steps per epoch; every 5 steps and epochs
     assert spec.checkpoint_steps() == sorted({*range(0, 49, 5), 16, 32, 48})
 

@@ -632,7 +632,7 @@ def _branches(key: str, runs: dict[str, RunSpec], study: dict[str, Any], problem
     out: dict[str, RunSpec] = {}
     labels = []
     for i, entry in enumerate(study["perturbations"]):
-        options = {k: v for k, v in entry.items() if k not in ("name", "label")}
+        options = {k: v for k, v in entry.items() if k not in ("name", "label", "where")}
         try:
             validate_perturbation(entry["name"], options)
         except ValueError as e:
@@ -640,7 +640,8 @@ def _branches(key: str, runs: dict[str, RunSpec], study: dict[str, Any], problem
             continue
         label = entry.get("label", entry["name"].replace("_", "-"))
         labels.append(label)
-        for run in runs.values():
+        sources = _branch_sources(f"{key}/perturbations/{i}/where", runs, entry, problems)
+        for run in sources:
             branch = f"{run.run_id}_{label}"
             out[branch] = RunSpec(**{
                 **run.to_dict(),
@@ -654,6 +655,30 @@ def _branches(key: str, runs: dict[str, RunSpec], study: dict[str, Any], problem
     if len(set(labels)) != len(labels):
         problems.add(f"{key}/perturbations", "give each entry a distinct 'label'")
     return out
+
+
+BRANCH_FILTERS = ("model", "model_name", "shortcut", "dataset", "init", "optimizer", "seed")
+
+
+def _branch_sources(
+    key: str, runs: dict[str, RunSpec], entry: dict[str, Any], problems: Problems
+) -> list[RunSpec]:
+    """The runs a perturbation branches from: every run, or those matching its ``where``
+    ({field: value or [values]} on the run's grid coordinates)."""
+    where = entry.get("where") or {}
+    unknown = sorted(set(where) - set(BRANCH_FILTERS))
+    if unknown:
+        problems.add(key, f"unknown field '{unknown[0]}'; filter on {', '.join(BRANCH_FILTERS)}")
+        return []
+    wanted = {k: {str(x) for x in (v if isinstance(v, list) else [v])} for k, v in where.items()}
+    sources = [
+        run
+        for run in runs.values()
+        if all(str(getattr(run, k)) in values for k, values in wanted.items())
+    ]
+    if not sources:
+        problems.add(key, f"{where} matches no run of the study; check the values")
+    return sources
 
 
 def _pairs(runs: dict[str, RunSpec], kinds: list[str]) -> tuple[tuple[str, str, str], ...]:

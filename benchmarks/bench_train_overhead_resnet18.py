@@ -1,0 +1,55 @@
+"""train_overhead_resnet18: our whole ResNet-18 training job's seconds over a bare loop that
+does the same arithmetic on the same batches (see ``_overhead.py``). Goal: <= 1.10.
+
+ResNet-18 (standard widths, residual: ``resnet18-basic-residual``, as ``train_resnet18``) on
+CIFAR-size data: ``BENCH_TRAIN_IMAGES`` (default 1,024) generated 3x32x32 training images
+and a quarter as many test images, 10 classes. The recipe is the dynamics study's for its
+ResNet-18 (config.yaml): kaiming-normal init, Adam, batch 128, evaluation batch 256, and
+its instrumentation, ``gradients.track_reached``; 2 epochs (``BENCH_EPOCHS``), a
+checkpoint every epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from _overhead import make_spec, run_benchmark, write_dataset
+
+N_TRAIN = int(os.environ.get("BENCH_TRAIN_IMAGES", "1024"))
+N_TEST = max(1, N_TRAIN // 4)
+EPOCHS = int(os.environ.get("BENCH_EPOCHS", "2"))
+STUDY = {
+    "models": ["resnet18-basic-residual"],
+    "datasets": ["cifar10"],
+    "inits": ["kaiming-normal"],
+    "optimizers": [{"name": "adam", "lr": 0.001}],
+    "seeds": [0],
+    "epochs": EPOCHS,
+    "batch_size": 128,
+    "eval_batch_size": 256,
+    "checkpoint": {"every_epochs": 1},
+    "gradients": {"track_reached": True},
+    "precision": os.environ.get("BENCH_PRECISION", "fp32"),
+}
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(N_TRAIN, 3, 32, 32), dtype=np.uint8)
+    tx = rng.integers(0, 256, size=(N_TEST, 3, 32, 32), dtype=np.uint8)
+    y = rng.integers(0, 10, size=N_TRAIN).astype(np.int64)
+    ty = rng.integers(0, 10, size=N_TEST).astype(np.int64)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cifar10.safetensors"
+        write_dataset(path, x, y, tx, ty, "cifar10", 10)
+        what = (f"ResNet-18 (standard, residual), random CIFAR-size data ({N_TRAIN:,} train / "
+                f"{N_TEST:,} test), {EPOCHS} epochs of batch 128, Adam, a checkpoint every "
+                "epoch, track_reached")  # fmt: skip
+        run_benchmark("train_overhead_resnet18", what, make_spec(STUDY), path, rounds=3)
+
+
+if __name__ == "__main__":
+    main()
