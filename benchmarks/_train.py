@@ -34,7 +34,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from paramdyn.config import DEFAULT_SCHEMA, RunSpec, load_studies
 from paramdyn.inits import initialise
 from paramdyn.models import build_model
-from paramdyn.train import OPTIMIZERS, train_run
+from paramdyn.train import train_run
+
+# the seed studies' optimizers: torch's default (unfused) implementations
+SEED_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 # the same threads for both sides; 1 is the workflow's default (train_threads)
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
@@ -123,7 +126,10 @@ def time_baseline(
     model = build_model(spec.model_name, spec.dataset, spec.model_settings)
     initialise(model, spec.init_name or spec.init, spec.seed)
     model.to(DEVICE)
-    optimizer = OPTIMIZERS[spec.optimizer_name](model.parameters(), **spec.optimizer_settings)
+    settings = dict(spec.optimizer_settings)
+    if "betas" in settings:
+        settings["betas"] = tuple(settings["betas"])
+    optimizer = SEED_OPTIMIZERS[spec.optimizer_name](model.parameters(), **settings)
     torch.manual_seed(spec.seed)
     acc = 0.0
     if eval_at_start:  # as ours: every k-th training image, then the test split

@@ -40,7 +40,7 @@ def main() -> None:
         prepare("mnist5k", Path(tmp), path)
         what = (f"LeNet-5, mnist5k (4,000 train / 1,000 test), {EPOCHS} epochs of batch 64, "
                 "Adam, a checkpoint every epoch, track_reached")  # fmt: skip
-        run_benchmark("train_overhead_lenet", what, make_spec(STUDY), path, rounds=5)
+        run_benchmark("train_overhead_lenet", what, make_spec(STUDY), path, rounds=9)
 
 
 if __name__ == "__main__":

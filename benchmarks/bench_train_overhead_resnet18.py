@@ -48,7 +48,7 @@ def main() -> None:
         what = (f"ResNet-18 (standard, residual), random CIFAR-size data ({N_TRAIN:,} train / "
                 f"{N_TEST:,} test), {EPOCHS} epochs of batch 128, Adam, a checkpoint every "
                 "epoch, track_reached")  # fmt: skip
-        run_benchmark("train_overhead_resnet18", what, make_spec(STUDY), path, rounds=3)
+        run_benchmark("train_overhead_resnet18", what, make_spec(STUDY), path, rounds=5)
 
 
 if __name__ == "__main__":

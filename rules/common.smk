@@ -1,15 +1,14 @@
 # Shared helpers of the rules: no torch here, the scheduler stays light.
 from dataclasses import asdict
 
-from paramdyn import catalog
-from paramdyn.config import detect_device
+from paramdyn import catalog, paths
+from paramdyn.devices import detect_device
 from paramdyn.provenance import code_hash
 
 DATA_DIR = config["data_dir"]
 DEVICE = detect_device(config["device"])
 # Snakemake's `gpu` resource: each CUDA training job takes one.
 GPU_PER_TRAIN = 1 if DEVICE == "cuda" else 0
-RUN_DIR = "results/{study}/runs/{run_id}"
 ENV = "../envs/paramdyn.yaml"
 
 
@@ -31,21 +30,21 @@ def run_spec(wildcards):
 def train_inputs(wildcards):
     """The prepared dataset, and for init from_run the source run (an edge of the DAG)."""
     spec = run_spec(wildcards)
-    inputs = {"dataset": f"results/datasets/{spec.dataset}.safetensors"}
+    inputs = {"dataset": paths.dataset_file(spec.dataset)}
     if spec.init_source:
-        study, run_id = spec.init_source.split("/", 1)
-        inputs["source"] = f"results/{study}/runs/{run_id}/run.json"
+        inputs["source"] = source_run_json(wildcards)
     return inputs
 
 
 def run_paths(study, filename, runs=None):
-    return [
-        f"results/{study}/runs/{r}/{filename}" for r in (runs or STUDIES[study].runs)
-    ]
+    return [paths.run_file(filename, study, r) for r in (runs or STUDIES[study].runs)]
 
 
 # per-run tables concatenated into one per study by rule aggregate
 RUN_TABLES = ("distances", "history", "gradients", "frozen")
+# the figures of rules plot_distances and plot_distance_steps, by reference
+DISTANCE_FIGURES = ("init", "previous", "init_raw", "previous_raw", "average")
+STEP_FIGURES = ("init", "previous")
 
 
 def branch_tables(wildcards):
@@ -61,47 +60,40 @@ def similarity_inputs(wildcards):
 
 
 def source_run_json(wildcards):
-    study, run_id = run_spec(wildcards).init_source.split("/", 1)
-    return f"results/{study}/runs/{run_id}/run.json"
+    """run.json of the run whose final weights this run starts from (from_run, a branch)."""
+    study, run_id = paths.source_run(run_spec(wildcards).init_source)
+    return paths.run_file(paths.RUN_JSON, study, run_id)
 
 
 def study_targets():
+    table, figure = paths.study_table, paths.figure
     targets = []
     for study in (s for s in STUDIES if STUDIES[s].target):
         targets += [
-            f"results/{study}/findings.parquet",
-            f"results/{study}/findings.md",
-            f"results/{study}/distances.parquet",
-            f"results/{study}/history.parquet",
-            f"results/{study}/gradients.parquet",
-            *[
-                f"results/{study}/figures/distance_vs_depth_{name}.png"
-                for name in ("init", "previous", "init_raw", "previous_raw", "average")
-            ],
-            *[
-                f"results/{study}/figures/distance_vs_step_{name}.png"
-                for name in ("init", "previous")
-            ],
-            f"results/{study}/figures/gradients_vs_depth.png",
-            f"results/{study}/frozen.parquet",
-            f"results/{study}/figures/frozen.png",
-            f"results/{study}/figures/change.png",
-            f"results/{study}/accuracy.parquet",
-            f"results/{study}/accuracy.md",
-            f"results/{study}/figures/accuracy.png",
-            f"results/{study}/figures/loss.png",
+            table("findings", study),
+            paths.study_file("findings.md", study),
+            table("distances", study),
+            table("history", study),
+            table("gradients", study),
+            *[figure(f"distance_vs_depth_{name}", study) for name in DISTANCE_FIGURES],
+            *[figure(f"distance_vs_step_{name}", study) for name in STEP_FIGURES],
+            figure("gradients_vs_depth", study),
+            table("frozen", study),
+            figure("frozen", study),
+            figure("change", study),
+            table("accuracy", study),
+            paths.study_file("accuracy.md", study),
+            figure("accuracy", study),
+            figure("loss", study),
         ]
         if STUDIES[study].features.get("enabled", True):
             targets += [
-                f"results/{study}/similarity.parquet",
-                f"results/{study}/figures/cka.png",
-                f"results/{study}/figures/feature_correlation.png",
+                table("similarity", study),
+                figure("cka", study),
+                figure("feature_correlation", study),
             ]
         if any(s.perturbation for s in STUDIES[study].runs.values()):
-            targets += [
-                f"results/{study}/perturbations.parquet",
-                f"results/{study}/figures/perturbations.png",
-            ]
+            targets += [table("perturbations", study), figure("perturbations", study)]
     return targets
 
 
@@ -119,10 +111,10 @@ def findings_inputs(wildcards):
     for claim in study.claims:
         if not claim["note"]:
             names.update(catalog.CLAIM_TESTS[claim["test"]].tables)
-    return {name: f"results/{wildcards.study}/{name}.parquet" for name in sorted(names)}
+    return {name: paths.study_table(name, wildcards.study) for name in sorted(names)}
 
 
 def download_marker(wildcards):
     if catalog.DATASETS[wildcards.dataset].source == "torchvision":
-        return [f"results/datasets/{wildcards.dataset}.download.json"]
+        return [paths.download_marker(wildcards.dataset)]
     return []

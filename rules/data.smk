@@ -8,7 +8,7 @@ localrules:
 
 rule download_dataset:
     output:
-        "results/datasets/{dataset}.download.json",
+        paths.download_marker(),
     log:
         "results/logs/download_dataset/{dataset}.log",
     benchmark:
@@ -22,7 +22,7 @@ rule download_dataset:
     params:
         data_dir=DATA_DIR,
         allow_download=config["download"],
-        code=code_hash("data", "jobs:download_dataset"),
+        code=code_hash("data", "checkpoints", "jobs:download_dataset"),
     script:
         "../scripts/download_dataset.py"
 
@@ -31,7 +31,7 @@ rule prepare_dataset:
     input:
         download_marker,
     output:
-        "results/datasets/{dataset}.safetensors",
+        paths.dataset_file(),
     log:
         "results/logs/prepare_dataset/{dataset}.log",
     benchmark:
@@ -41,6 +41,6 @@ rule prepare_dataset:
     params:
         data_dir=DATA_DIR,
         spec=lambda w: asdict(catalog.DATASETS[w.dataset]),
-        code=code_hash("data", "jobs:prepare_dataset"),
+        code=code_hash("data", "checkpoints", "jobs:prepare_dataset"),
     script:
         "../scripts/prepare_dataset.py"

@@ -4,11 +4,11 @@
 
 rule features:
     input:
-        run_json=f"{RUN_DIR}/run.json",
-        checkpoints=f"{RUN_DIR}/checkpoints",
-        dataset=lambda w: f"results/datasets/{run_spec(w).dataset}.safetensors",
+        run_json=paths.run_file(paths.RUN_JSON),
+        checkpoints=paths.run_file(paths.CHECKPOINTS),
+        dataset=lambda w: paths.dataset_file(run_spec(w).dataset),
     output:
-        f"{RUN_DIR}/features.safetensors",
+        paths.run_file("features.safetensors"),
     log:
         "results/{study}/logs/features/{run_id}.log",
     benchmark:
@@ -18,7 +18,16 @@ rule features:
     params:
         probe_size=lambda w: STUDIES[w.study].features["probe_size"],
         probe_seed=lambda w: STUDIES[w.study].features["probe_seed"],
-        code=code_hash("features", "models", "data", "checkpoints", "jobs:features"),
+        code=code_hash(
+            "features",
+            "models",
+            "data",
+            "checkpoints",
+            "columns",
+            "runs",
+            "tables",
+            "jobs:features",
+        ),
     script:
         "../scripts/features.py"
 
@@ -27,7 +36,7 @@ rule similarity:
     input:
         similarity_inputs,
     output:
-        "results/{study}/similarity.parquet",
+        paths.study_table("similarity"),
     log:
         "results/{study}/logs/similarity.log",
     benchmark:
@@ -37,18 +46,20 @@ rule similarity:
     params:
         pairs=lambda w: STUDIES[w.study].similarity_pairs,
         unbiased=lambda w: STUDIES[w.study].features["unbiased"],
-        code=code_hash("features", "tables", "jobs:similarity"),
+        code=code_hash(
+            "features", "tables", "checkpoints", "columns", "runs", "jobs:similarity"
+        ),
     script:
         "../scripts/similarity.py"
 
 
 rule perturbation:
     input:
-        run_json=f"{RUN_DIR}/run.json",
-        checkpoints=f"{RUN_DIR}/checkpoints",
+        run_json=paths.run_file(paths.RUN_JSON),
+        checkpoints=paths.run_file(paths.CHECKPOINTS),
         source=source_run_json,
     output:
-        f"{RUN_DIR}/perturbation.parquet",
+        paths.run_file("perturbation.parquet"),
     log:
         "results/{study}/logs/perturbation/{run_id}.log",
     benchmark:
@@ -56,24 +67,32 @@ rule perturbation:
     conda:
         ENV
     params:
-        code=code_hash("perturb", "checkpoints", "tables", "jobs:perturbation"),
+        code=code_hash(
+            "perturb",
+            "checkpoints",
+            "tables",
+            "columns",
+            "measures",
+            "runs",
+            "jobs:perturbation",
+        ),
     script:
         "../scripts/perturbation.py"
 
 
 rule plot_similarity:
     input:
-        table="results/{study}/similarity.parquet",
+        table=paths.study_table("similarity"),
         example=lambda w: similarity_inputs(w)[0],
     output:
         cka=report(
-            "results/{study}/figures/cka.png",
+            paths.figure("cka"),
             caption="../report/cka.rst",
             category="{study}",
             subcategory="features",
         ),
         correlation=report(
-            "results/{study}/figures/feature_correlation.png",
+            paths.figure("feature_correlation"),
             caption="../report/feature_correlation.rst",
             category="{study}",
             subcategory="features",
@@ -85,17 +104,25 @@ rule plot_similarity:
     conda:
         ENV
     params:
-        code=code_hash("plots", "features", "tables", "jobs:plot_similarity"),
+        code=code_hash(
+            "plots",
+            "features",
+            "tables",
+            "checkpoints",
+            "columns",
+            "runs",
+            "jobs:plot_similarity",
+        ),
     script:
         "../scripts/plot_similarity.py"
 
 
 rule plot_perturbations:
     input:
-        "results/{study}/perturbations.parquet",
+        paths.study_table("perturbations"),
     output:
         report(
-            "results/{study}/figures/perturbations.png",
+            paths.figure("perturbations"),
             caption="../report/perturbations.rst",
             category="{study}",
             subcategory="perturbations",
@@ -107,6 +134,6 @@ rule plot_perturbations:
     conda:
         ENV
     params:
-        code=code_hash("plots", "tables", "jobs:plot_perturbations"),
+        code=code_hash("plots", "tables", "columns", "jobs:plot_perturbations"),
     script:
         "../scripts/plot_perturbations.py"

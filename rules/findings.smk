@@ -6,9 +6,9 @@ rule findings:
     input:
         unpack(findings_inputs),
     output:
-        parquet="results/{study}/findings.parquet",
+        parquet=paths.study_table("findings"),
         markdown=report(
-            "results/{study}/findings.md",
+            paths.study_file("findings.md"),
             caption="../report/findings.rst",
             category=FINDINGS_CATEGORY,
             subcategory="{study}",
@@ -24,6 +24,6 @@ rule findings:
         min_accuracy=lambda w: STUDIES[w.study].min_accuracy,
         expect_failure=lambda w: list(STUDIES[w.study].expect_failure),
         models=lambda w: {r.model: r.model_name for r in STUDIES[w.study].runs.values()},
-        code=code_hash("findings", "tables", "jobs:findings"),
+        code=code_hash("findings", "tables", "columns", "jobs:findings"),
     script:
         "../scripts/findings.py"

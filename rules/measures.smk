@@ -3,11 +3,11 @@
 
 rule distances:
     input:
-        run_json=f"{RUN_DIR}/run.json",
-        checkpoints=f"{RUN_DIR}/checkpoints",
+        run_json=paths.run_file(paths.RUN_JSON),
+        checkpoints=paths.run_file(paths.CHECKPOINTS),
     output:
-        distances=f"{RUN_DIR}/distances.parquet",
-        frozen=f"{RUN_DIR}/frozen.parquet",
+        distances=paths.run_file("distances.parquet"),
+        frozen=paths.run_file("frozen.parquet"),
     log:
         "results/{study}/logs/distances/{run_id}.log",
     benchmark:
@@ -16,8 +16,10 @@ rule distances:
         ENV
     params:
         keep_steps=lambda w: STUDIES[w.study].keep_step_checkpoints,
-        work_dir="results/.work/{study}/{run_id}",
-        code=code_hash("measures", "checkpoints", "tables", "jobs:distances"),
+        work_dir=paths.work_dir(),
+        code=code_hash(
+            "measures", "checkpoints", "tables", "columns", "runs", "jobs:distances"
+        ),
     script:
         "../scripts/distances.py"
 
@@ -26,7 +28,7 @@ rule aggregate:
     input:
         **{t: lambda w, t=t: run_paths(w.study, f"{t}.parquet") for t in RUN_TABLES},
     output:
-        **{t: f"results/{{study}}/{t}.parquet" for t in RUN_TABLES},
+        **{t: paths.study_table(t) for t in RUN_TABLES},
     log:
         "results/{study}/logs/aggregate.log",
     benchmark:
@@ -37,7 +39,7 @@ rule aggregate:
         gradient_flags=lambda w: {
             k: STUDIES[w.study].gradients[k] for k in ("vanish_below", "explode_above")
         },
-        code=code_hash("tables", "jobs:aggregate"),
+        code=code_hash("tables", "columns", "jobs:aggregate"),
     script:
         "../scripts/aggregate.py"
 
@@ -46,7 +48,7 @@ rule aggregate_perturbations:
     input:
         perturbations=branch_tables,
     output:
-        perturbations="results/{study}/perturbations.parquet",
+        perturbations=paths.study_table("perturbations"),
     log:
         "results/{study}/logs/aggregate_perturbations.log",
     benchmark:
@@ -54,6 +56,6 @@ rule aggregate_perturbations:
     conda:
         ENV
     params:
-        code=code_hash("tables", "jobs:aggregate"),
+        code=code_hash("tables", "columns", "jobs:aggregate"),
     script:
         "../scripts/aggregate.py"

@@ -3,16 +3,16 @@
 
 rule plot_distances:
     input:
-        "results/{study}/distances.parquet",
+        paths.study_table("distances"),
     output:
         **{
             name: report(
-                f"results/{{study}}/figures/distance_vs_depth_{name}.png",
+                paths.figure(f"distance_vs_depth_{name}"),
                 caption=f"../report/distance_vs_depth_{name}.rst",
                 category="{study}",
                 subcategory="distances",
             )
-            for name in ("init", "previous", "init_raw", "previous_raw", "average")
+            for name in DISTANCE_FIGURES
         },
     log:
         "results/{study}/logs/plot_distances.log",
@@ -22,7 +22,7 @@ rule plot_distances:
         ENV
     params:
         metric=lambda w: STUDIES[w.study].figures["metric"],
-        code=code_hash("plots", "tables", "jobs:plot_distances"),
+        code=code_hash("plots", "tables", "columns", "jobs:plot_distances"),
     script:
         "../scripts/plot_distances.py"
 
@@ -30,16 +30,16 @@ rule plot_distances:
 # The depth study's main figure: block distance against training step, one line per block.
 rule plot_distance_steps:
     input:
-        "results/{study}/distances.parquet",
+        paths.study_table("distances"),
     output:
         **{
             name: report(
-                f"results/{{study}}/figures/distance_vs_step_{name}.png",
+                paths.figure(f"distance_vs_step_{name}"),
                 caption=f"../report/distance_vs_step_{name}.rst",
                 category="{study}",
                 subcategory="distances",
             )
-            for name in ("init", "previous")
+            for name in STEP_FIGURES
         },
     log:
         "results/{study}/logs/plot_distance_steps.log",
@@ -49,17 +49,17 @@ rule plot_distance_steps:
         ENV
     params:
         metric=lambda w: STUDIES[w.study].figures["metric"],
-        code=code_hash("plots", "tables", "jobs:plot_distance_steps"),
+        code=code_hash("plots", "tables", "columns", "jobs:plot_distance_steps"),
     script:
         "../scripts/plot_distance_steps.py"
 
 
 rule plot_gradients:
     input:
-        "results/{study}/gradients.parquet",
+        paths.study_table("gradients"),
     output:
         report(
-            "results/{study}/figures/gradients_vs_depth.png",
+            paths.figure("gradients_vs_depth"),
             caption="../report/gradients.rst",
             category="{study}",
             subcategory="gradients",
@@ -73,18 +73,18 @@ rule plot_gradients:
     params:
         vanish=lambda w: STUDIES[w.study].gradients["vanish_below"],
         explode=lambda w: STUDIES[w.study].gradients["explode_above"],
-        code=code_hash("plots", "tables", "jobs:plot_gradients"),
+        code=code_hash("plots", "tables", "columns", "jobs:plot_gradients"),
     script:
         "../scripts/plot_gradients.py"
 
 
 rule accuracy_table:
     input:
-        "results/{study}/history.parquet",
+        paths.study_table("history"),
     output:
-        parquet="results/{study}/accuracy.parquet",
+        parquet=paths.study_table("accuracy"),
         markdown=report(
-            "results/{study}/accuracy.md",
+            paths.study_file("accuracy.md"),
             caption="../report/accuracy.rst",
             category="{study}",
             subcategory="training",
@@ -96,23 +96,23 @@ rule accuracy_table:
     conda:
         ENV
     params:
-        code=code_hash("tables", "jobs:accuracy_table"),
+        code=code_hash("tables", "columns", "jobs:accuracy_table"),
     script:
         "../scripts/accuracy_table.py"
 
 
 rule plot_history:
     input:
-        "results/{study}/history.parquet",
+        paths.study_table("history"),
     output:
         accuracy=report(
-            "results/{study}/figures/accuracy.png",
+            paths.figure("accuracy"),
             caption="../report/history.rst",
             category="{study}",
             subcategory="training",
         ),
         loss=report(
-            "results/{study}/figures/loss.png",
+            paths.figure("loss"),
             caption="../report/history.rst",
             category="{study}",
             subcategory="training",
@@ -124,24 +124,24 @@ rule plot_history:
     conda:
         ENV
     params:
-        code=code_hash("plots", "tables", "jobs:plot_history"),
+        code=code_hash("plots", "tables", "columns", "jobs:plot_history"),
     script:
         "../scripts/plot_history.py"
 
 
 rule plot_dynamics:
     input:
-        frozen="results/{study}/frozen.parquet",
-        distances="results/{study}/distances.parquet",
+        frozen=paths.study_table("frozen"),
+        distances=paths.study_table("distances"),
     output:
         frozen=report(
-            "results/{study}/figures/frozen.png",
+            paths.figure("frozen"),
             caption="../report/frozen.rst",
             category="{study}",
             subcategory="dynamics",
         ),
         change=report(
-            "results/{study}/figures/change.png",
+            paths.figure("change"),
             caption="../report/change.rst",
             category="{study}",
             subcategory="dynamics",
@@ -153,6 +153,6 @@ rule plot_dynamics:
     conda:
         ENV
     params:
-        code=code_hash("plots", "tables", "jobs:plot_dynamics"),
+        code=code_hash("plots", "tables", "columns", "jobs:plot_dynamics"),
     script:
         "../scripts/plot_dynamics.py"

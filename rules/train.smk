@@ -5,10 +5,10 @@ rule train:
     input:
         unpack(train_inputs),
     output:
-        run_json=f"{RUN_DIR}/run.json",
-        history=f"{RUN_DIR}/history.parquet",
-        gradients=f"{RUN_DIR}/gradients.parquet",
-        checkpoints=directory(f"{RUN_DIR}/checkpoints"),
+        run_json=paths.run_file(paths.RUN_JSON),
+        history=paths.run_file("history.parquet"),
+        gradients=paths.run_file("gradients.parquet"),
+        checkpoints=directory(paths.run_file(paths.CHECKPOINTS)),
     log:
         "results/{study}/logs/train/{run_id}.log",
     benchmark:
@@ -23,7 +23,7 @@ rule train:
         hparams=lambda w: run_spec(w).to_json(),
         model=lambda w: catalog.MODELS[run_spec(w).model_name].options,
         # where the run trains (snapshots for resuming): outside the declared outputs
-        work_dir="results/.work/{study}/{run_id}",
+        work_dir=paths.work_dir(),
         code=code_hash(
             "train",
             "gradients",
@@ -34,6 +34,8 @@ rule train:
             "perturb",
             "checkpoints",
             "tables",
+            "columns",
+            "runs",
             "jobs:train",
         ),
     script:

@@ -51,8 +51,11 @@ def test_grid_expands_with_readable_ids():
     spec = study.runs["resnet18-basic-plain-even_synthetic_kaiming-normal_sgd_s1"]
     assert spec.model_settings == {"width": 8}
     assert spec.optimizer_settings == {
-        "lr": 0.1, "momentum": 0.5, "weight_decay": 0.0, "nesterov": False
-    }  # fmt: skip
+        "lr": 0.1,
+        "momentum": 0.5,
+        "weight_decay": 0.0,
+        "nesterov": False,
+    }
     assert spec.shortcut == "plain"
     assert spec.checkpoint_every_epochs == 1  # schema default
     assert spec.measures == {"minkowski_p": [], "atol": 1e-8, "rtol": 1e-5}
@@ -81,7 +84,11 @@ def test_run_ids_are_stable():
 BAD = [
     # (path, value, words the message must contain)
     ("studies/s/epoch", 3, ["studies/s", "'epoch' was unexpected", "epochs"]),
-    ("studies/s/models/0", "resnet19", ["studies/s/models/0", "unknown model 'resnet19'", "lenet5"]),
+    (
+        "studies/s/models/0",
+        "resnet19",
+        ["studies/s/models/0", "unknown model 'resnet19'", "lenet5"],
+    ),
     ("studies/s/datasets/0", "cifar11", ["unknown dataset 'cifar11'", "cifar10", "mnist5k"]),
     ("studies/s/inits/0", "he", ["unknown init 'he'", "kaiming-normal"]),
     ("studies/s/optimizers/0", "adagrad", ["unknown optimizer 'adagrad'", "adamw", "sgd"]),
@@ -98,29 +105,50 @@ BAD = [
     ("studies/s/checkpoint", {"every_steps": 10**6}, ["every_steps", "never fires"]),
     ("studies/s/checkpoint", {}, ["studies/s/checkpoint", "every_epochs and/or every_steps"]),
     ("studies/s/checkpoint", {"every_epoch": 1}, ["'every_epoch' was unexpected", "every_epochs"]),
-    ("studies/s/optimizers/0", {"name": "adam", "momentum": 0.9},
-     ["optimizers/0/momentum", "optimizer 'adam' has no setting 'momentum'", "betas"]),
-    ("studies/s/optimizers/1", {"name": "sgd", "lr": -1},
-     ["studies/s/optimizers/1/lr", "less than or equal to the minimum of 0"]),
-    ("studies/s/models/0", {"name": "lenet5", "width": 8},
-     ["models/0/width", "model 'lenet5' has no setting 'width'"]),
+    (
+        "studies/s/optimizers/0",
+        {"name": "adam", "momentum": 0.9},
+        ["optimizers/0/momentum", "optimizer 'adam' has no setting 'momentum'", "betas"],
+    ),
+    (
+        "studies/s/optimizers/1",
+        {"name": "sgd", "lr": -1},
+        ["studies/s/optimizers/1/lr", "less than or equal to the minimum of 0"],
+    ),
+    (
+        "studies/s/models/0",
+        {"name": "lenet5", "width": 8},
+        ["models/0/width", "model 'lenet5' has no setting 'width'"],
+    ),
     ("studies/s/models/0", {"name": "lenet5", "layers": 8}, ["'layers' was unexpected", "width"]),
-    ("studies/s/models/0", "resnet18-basic-plain-even",
-     ["studies/s/models", "listed more than once", "label"]),
+    (
+        "studies/s/models/0",
+        "resnet18-basic-plain-even",
+        ["studies/s/models", "listed more than once", "label"],
+    ),
     ("studies/s/measures", {"atol": -1}, ["studies/s/measures/atol", "minimum"]),
     ("studies/s/measures", {"tolerance": 0.1}, ["'tolerance' was unexpected", "atol", "rtol"]),
     ("studies/s/figures", {"metric": "l3"}, ["studies/s/figures/metric", "'l3' is not one of"]),
     ("run", ["t"], ["config key 'run'", "no study named 't'"]),
-    ("studies/s/perturbations", [{"name": "gaussian", "sigma": 1}],
-     ["studies/s/perturbations/0", "perturbation 'gaussian': unknown option 'sigma'", "scale"]),
-    ("studies/s/perturbations", [{"name": "rotate"}],
-     ["studies/s/perturbations/0", "'rotate'", "sign_flip"]),
-    ("studies/s/normalize", {"synthetic": {"mean": [0.5, 0.5], "std": [0.5, 0.5]}},
-     ["studies/s/normalize/synthetic", "give 1 value(s)"]),
+    (
+        "studies/s/perturbations",
+        [{"name": "gaussian", "sigma": 1}],
+        ["studies/s/perturbations/0", "perturbation 'gaussian': unknown option 'sigma'", "scale"],
+    ),
+    (
+        "studies/s/perturbations",
+        [{"name": "rotate"}],
+        ["studies/s/perturbations/0", "'rotate'", "sign_flip"],
+    ),
+    (
+        "studies/s/normalize",
+        {"synthetic": {"mean": [0.5, 0.5], "std": [0.5, 0.5]}},
+        ["studies/s/normalize/synthetic", "give 1 value(s)"],
+    ),
     ("studies/s/variants", {"demo": {"epoch": 1}}, ["variant", "'epoch' was unexpected"]),
     ("device", "tpu", ["config key 'device'", "'tpu' is not one of"]),
     ("studiez", {}, ["'studiez' was unexpected"]),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
@@ -200,8 +228,14 @@ def test_offline_with_a_missing_preplaced_dataset(tmp_path):
     assert "config key 'download'" in msg and "'cifar10'" in msg
     assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in msg
     assert "set download: true" in msg
-    for rel in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
-                "data_batch_5", "test_batch"):  # fmt: skip
+    for rel in (
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+    ):
         (tmp_path / "cifar-10-batches-py").mkdir(exist_ok=True)
         (tmp_path / "cifar-10-batches-py" / rel).write_bytes(b"x")
     assert len(_load(cfg)["s"].runs) == 16  # all there now: valid

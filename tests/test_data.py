@@ -192,13 +192,6 @@ def prepared_mnist(mnist_dir, tmp_path):
     return out, arrays
 
 
-@pytest.fixture(scope="module")
-def prepared_synthetic(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic") / "synthetic.safetensors"
-    data.prepare("synthetic", tmp_path_factory.mktemp("empty"), out)
-    return out
-
-
 @pytest.fixture
 def prepared_cifar10(tmp_path):
     train, test = write_cifar10(tmp_path)
@@ -551,8 +544,8 @@ def test_device_data_load(prepared_mnist):
     np.testing.assert_array_equal(y.numpy(), vy)
 
 
-def test_eval_batches_are_normalised_in_order(prepared_synthetic):
-    dd = data.DeviceData.load(prepared_synthetic, "cpu", normalize=True)
+def test_eval_batches_are_normalised_in_order(synthetic):
+    dd = data.DeviceData.load(synthetic, "cpu", normalize=True)
     batches = list(dd.eval_batches("train", 100))
     assert [len(y) for _, y in batches] == [100] * 5 + [12]
     x = torch.cat([b[0] for b in batches])
@@ -563,8 +556,8 @@ def test_eval_batches_are_normalised_in_order(prepared_synthetic):
 
 
 @pytest.mark.parametrize("batch_size", [1, 64, 100, 512, 1000])
-def test_train_batches_cover_each_image_once(prepared_synthetic, batch_size):
-    dd = data.DeviceData.load(prepared_synthetic, "cpu", normalize=True, augment=False)
+def test_train_batches_cover_each_image_once(synthetic, batch_size):
+    dd = data.DeviceData.load(synthetic, "cpu", normalize=True, augment=False)
     x, y, batches = epoch(dd, batch_size, seed=0)
     n = dd.train_x.shape[0]
     sizes = [len(b[1]) for b in batches]
@@ -583,8 +576,8 @@ def test_train_batches_cover_each_image_once_mnist(prepared_mnist):
     assert got == items(torch.from_numpy(tx[:, None]), torch.from_numpy(ty.astype(np.int64)))
 
 
-def test_train_batches_depend_on_the_seed_only(prepared_synthetic):
-    dd = data.DeviceData.load(prepared_synthetic, "cpu", normalize=True, augment=False)
+def test_train_batches_depend_on_the_seed_only(synthetic):
+    dd = data.DeviceData.load(synthetic, "cpu", normalize=True, augment=False)
     x0, y0, _ = epoch(dd, 64, seed=0)
     x0b, y0b, _ = epoch(dd, 64, seed=0)
     x1, y1, _ = epoch(dd, 64, seed=1)

@@ -15,10 +15,11 @@ from torch import nn
 
 from paramdyn.checkpoints import list_checkpoints, read_checkpoint, save_checkpoint
 from paramdyn.config import DEFAULT_SCHEMA, ConfigError, RunSpec, load_studies
-from paramdyn.data import DeviceData, prepare
+from paramdyn.data import DeviceData
 from paramdyn.inits import initialise
 from paramdyn.measures import compare, frozen_table, run_distances
 from paramdyn.models import build_model
+from paramdyn.runs import FinishedRun
 
 # the dynamics study's faithful init (config.yaml): the original's
 # kaiming_normal_(w, nonlinearity='relu') on conv and linear weights, linear biases 0
@@ -184,8 +185,9 @@ def test_plain_names_keep_their_run_ids_and_keys():
     assert fan_in.run_id == plain.run_id and fan_in.to_json() != plain.to_json()
     assert fan_in.init_options == {"mode": "fan_in"}
     assert RunSpec.from_dict(json.loads(fan_in.to_json())) == fan_in
-    labelled = _runs(inits=["kaiming-normal", {"name": "kaiming-normal", "mode": "fan_in",
-                                               "label": "he-in"}])  # fmt: skip
+    labelled = _runs(
+        inits=["kaiming-normal", {"name": "kaiming-normal", "mode": "fan_in", "label": "he-in"}]
+    )
     assert "lenet5_synthetic_he-in_sgd_s0" in labelled
 
 
@@ -201,8 +203,11 @@ def test_shipped_faithful_variants_resolve_to_the_original_recipe():
             assert run.inputs == {}
         if run.init.startswith("kaiming"):
             resolved = {"mode": "fan_in", **run.init_options}
-            assert resolved == {"mode": "fan_in", "layers": ["conv", "linear"],
-                                "bias": {"conv": "default", "linear": "zero"}}  # fmt: skip
+            assert resolved == {
+                "mode": "fan_in",
+                "layers": ["conv", "linear"],
+                "bias": {"conv": "default", "linear": "zero"},
+            }
     for run in studies["depth-faithful"].runs.values():
         assert run.init_options == {"layers": ["conv", "norm"]}
         assert run.measures["exclude"] == DEPTH_EXCLUDE
@@ -217,33 +222,66 @@ def test_shipped_faithful_variants_resolve_to_the_original_recipe():
 
 BAD = [
     # (study key, value, words the message must contain)
-    ("inits", [{"name": "xavier", "mode": "fan_in"}],
-     ["studies/s/inits/0/mode", "init 'xavier' has no option 'mode'", "kaiming-normal"]),
-    ("inits", [{"name": "default", "layers": ["conv"]}],
-     ["studies/s/inits/0/layers", "init 'default' has no option 'layers'", "none"]),
-    ("inits", [{"name": "kaiming-normal", "mode": "fan_avg"}],
-     ["studies/s/inits/0/mode", "'fan_avg' is not one of"]),
-    ("inits", [{"name": "kaiming-normal", "layers": ["conv", "bn"]}],
-     ["studies/s/inits/0/layers/1", "'bn' is not one of"]),
-    ("inits", [{"name": "kaiming-normal", "layers": []}],
-     ["studies/s/inits/0/layers", "should be non-empty"]),
+    (
+        "inits",
+        [{"name": "xavier", "mode": "fan_in"}],
+        ["studies/s/inits/0/mode", "init 'xavier' has no option 'mode'", "kaiming-normal"],
+    ),
+    (
+        "inits",
+        [{"name": "default", "layers": ["conv"]}],
+        ["studies/s/inits/0/layers", "init 'default' has no option 'layers'", "none"],
+    ),
+    (
+        "inits",
+        [{"name": "kaiming-normal", "mode": "fan_avg"}],
+        ["studies/s/inits/0/mode", "'fan_avg' is not one of"],
+    ),
+    (
+        "inits",
+        [{"name": "kaiming-normal", "layers": ["conv", "bn"]}],
+        ["studies/s/inits/0/layers/1", "'bn' is not one of"],
+    ),
+    (
+        "inits",
+        [{"name": "kaiming-normal", "layers": []}],
+        ["studies/s/inits/0/layers", "should be non-empty"],
+    ),
     ("inits", [{"name": "kaiming-normal", "bias": "random"}], ["studies/s/inits/0/bias"]),
-    ("inits", [{"name": "kaiming-normal", "bias": {"norm": "default"}}],
-     ["studies/s/inits/0/bias", "'norm' was unexpected"]),
-    ("inits", [{"name": "kaiming-normal", "layers": ["conv"], "bias": {"linear": "default"}}],
-     ["studies/s/inits/0/bias/linear", "does not touch linear layers", "add it to 'layers'"]),
-    ("inits", ["kaiming-normal", {"name": "kaiming-normal", "mode": "fan_in"}],
-     ["studies/s/inits", "kaiming-normal listed more than once", "'label'"]),
-    ("inputs", {"synthetic": {"pad_to": 8}},
-     ["studies/s/inputs/synthetic/pad_to", "smaller than the 12x12", "at least 12"]),
-    ("inputs", {"synthetic": {"channels": 2}},
-     ["studies/s/inputs/synthetic/channels", "is not one of"]),
-    ("inputs", {"mnist": {"pad_to": 32}},
-     ["studies/s/inputs/mnist", "not among the study's datasets"]),
+    (
+        "inits",
+        [{"name": "kaiming-normal", "bias": {"norm": "default"}}],
+        ["studies/s/inits/0/bias", "'norm' was unexpected"],
+    ),
+    (
+        "inits",
+        [{"name": "kaiming-normal", "layers": ["conv"], "bias": {"linear": "default"}}],
+        ["studies/s/inits/0/bias/linear", "does not touch linear layers", "add it to 'layers'"],
+    ),
+    (
+        "inits",
+        ["kaiming-normal", {"name": "kaiming-normal", "mode": "fan_in"}],
+        ["studies/s/inits", "kaiming-normal listed more than once", "'label'"],
+    ),
+    (
+        "inputs",
+        {"synthetic": {"pad_to": 8}},
+        ["studies/s/inputs/synthetic/pad_to", "smaller than the 12x12", "at least 12"],
+    ),
+    (
+        "inputs",
+        {"synthetic": {"channels": 2}},
+        ["studies/s/inputs/synthetic/channels", "is not one of"],
+    ),
+    (
+        "inputs",
+        {"mnist": {"pad_to": 32}},
+        ["studies/s/inputs/mnist", "not among the study's datasets"],
+    ),
     ("inputs", {"synthetic": {}}, ["studies/s/inputs/synthetic", "should be non-empty"]),
     ("inputs", {"synthetic": {"pad": 16}}, ["'pad' was unexpected", "pad_to"]),
     ("measures", {"exclude": "*bn*"}, ["studies/s/measures/exclude", "not of type 'array'"]),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("key", "value", "words"), BAD, ids=[f"{b[0]}={b[1]!r}"[:60] for b in BAD])
@@ -283,20 +321,6 @@ def test_no_op_inputs_are_left_out():
 
 
 # --- inputs: on the device, in pixel space --------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def mnist5k(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "mnist5k.safetensors"
-    prepare("mnist5k", path.parent, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "synthetic.safetensors"
-    prepare("synthetic", path.parent, path)
-    return path
 
 
 PAD3 = {"pad_to": 32, "channels": 3}
@@ -373,15 +397,27 @@ def test_a_run_with_inputs_and_init_options_end_to_end(synthetic, tmp_path):
     assert bool((first.tensors["conv1.bias"] != 0).all())
     assert bool((first.tensors["fc3.bias"] == 0).all())
     assert float(first.tensors["fc3.weight"].std()) == pytest.approx(math.sqrt(2 / 84), rel=0.15)
-    feats = run_features(tmp_path / "run", synthetic, tmp_path / "f.safetensors", probe_size=16,
-                         probe_seed=0, device="cpu")  # fmt: skip
+    feats = run_features(
+        tmp_path / "run",
+        synthetic,
+        tmp_path / "f.safetensors",
+        probe_size=16,
+        probe_seed=0,
+        device="cpu",
+    )
     assert feats.exists()
     state, _ = perturb_checkpoint(
-        list_checkpoints(tmp_path / "run" / "checkpoints")[-1], "reinit", {"blocks": ["conv1"]},
-        seed=spec.seed, model_name=spec.model_name, dataset=spec.dataset,
-        model_settings=spec.model_settings, init=spec.init, init_options=spec.init_options,
+        list_checkpoints(tmp_path / "run" / "checkpoints")[-1],
+        "reinit",
+        {"blocks": ["conv1"]},
+        seed=spec.seed,
+        model_name=spec.model_name,
+        dataset=spec.dataset,
+        model_settings=spec.model_settings,
+        init=spec.init,
+        init_options=spec.init_options,
         inputs=spec.inputs,
-    )  # fmt: skip
+    )
     # the run's own seed and init (with its options) rewind the block to its initial weights
     assert torch.equal(state["conv1.weight"], first.tensors["conv1.weight"])
     assert torch.equal(state["conv1.bias"], first.tensors["conv1.bias"])
@@ -401,8 +437,9 @@ def depth_run(tmp_path):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.01 * step)
-        save_checkpoint(tmp_path, model, epoch=step, step=step, epoch_end=True, run_id="d",
-                        blocks=blocks)  # fmt: skip
+        save_checkpoint(
+            tmp_path, model, epoch=step, step=step, epoch_end=True, run_id="d", blocks=blocks
+        )
     return tmp_path
 
 
@@ -442,7 +479,8 @@ def test_excluded_tensors_are_rows_but_not_in_the_sums(depth_run):
 
 
 def test_run_distances_and_frozen_with_exclude(depth_run, tmp_path):
-    info = {"run_id": "d", "hparams": {"seed": 0, "measures": {"exclude": DEPTH_EXCLUDE}}}
+    (spec,) = _runs(measures={"exclude": DEPTH_EXCLUDE}).values()
+    info = FinishedRun(depth_run.parent, "d", "completed", spec, checkpoints=(), result={})
     df = run_distances(depth_run, info, tmp_path / "distances.parquet")
     from paramdyn.tables import read_metadata
 

@@ -287,8 +287,9 @@ def test_extract_features_shapes_and_mode():
 def test_features_round_trip(tmp_path):
     feats = torch.randn(30, 7)
     idx = F.probe_indices(100, 30)
-    path = F.save_features(tmp_path / "f" / "run.safetensors", feats, {"run_id": "r", "k": 2},
-                           indices=idx)  # fmt: skip
+    path = F.save_features(
+        tmp_path / "f" / "run.safetensors", feats, {"run_id": "r", "k": 2}, indices=idx
+    )
     assert not list(path.parent.glob("*.tmp"))
     back, meta = F.load_features(path)
     assert torch.equal(back, feats)
@@ -299,8 +300,9 @@ def test_features_round_trip(tmp_path):
     with pytest.raises(ValueError, match="2-D"):
         F.save_features(tmp_path / "h.safetensors", torch.randn(3, 4, 5))
     # byte-reproducible: the same features and metadata give the same file
-    again = F.save_features(tmp_path / "again.safetensors", feats, {"k": 2, "run_id": "r"},
-                            indices=idx)  # fmt: skip
+    again = F.save_features(
+        tmp_path / "again.safetensors", feats, {"k": 2, "run_id": "r"}, indices=idx
+    )
     assert again.read_bytes() == path.read_bytes()
 
 
@@ -319,18 +321,25 @@ def test_truncated_features_file_refused(tmp_path):
         F.load_features(other)
 
 
-def test_checkpoint_features_on_a_prepared_dataset(tmp_path):
+def test_checkpoint_features_on_a_prepared_dataset(tmp_path, synthetic):
     from paramdyn.checkpoints import save_checkpoint
-    from paramdyn.data import DeviceData, prepare
+    from paramdyn.data import DeviceData
 
-    dataset = tmp_path / "synthetic.safetensors"
-    prepare("synthetic", tmp_path, dataset)
+    dataset = synthetic
     model = build_model("lenet5", "synthetic")
-    ckpt = save_checkpoint(tmp_path / "ckpt", model, epoch=0, step=0, epoch_end=True,
-                           run_id="r", blocks=model.block_names())  # fmt: skip
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt",
+        model,
+        epoch=0,
+        step=0,
+        epoch_end=True,
+        run_id="r",
+        blocks=model.block_names(),
+    )
     idx = F.probe_indices(128, 40, seed=1)
-    feats = F.checkpoint_features(ckpt, dataset, model_name="lenet5", dataset="synthetic",
-                                  indices=idx, batch_size=16)  # fmt: skip
+    feats = F.checkpoint_features(
+        ckpt, dataset, model_name="lenet5", dataset="synthetic", indices=idx, batch_size=16
+    )
     data = DeviceData.load(dataset, "cpu")
     x = next(data.eval_batches("test", 128))[0][torch.from_numpy(idx)]
     model.eval()

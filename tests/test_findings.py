@@ -27,9 +27,17 @@ def _run(model, seed, *, shortcut="residual", optimizer="sgd", perturbation="", 
     rid = f"{model}_{dataset}_init_{optimizer}_s{seed}" + (
         f"_{perturbation}" if perturbation else ""
     )
-    return {"run_id": rid, "study": "t", "model": model, "dataset": dataset, "init": "init",
-            "optimizer": optimizer, "seed": seed, "shortcut": shortcut,
-            "perturbation": perturbation}  # fmt: skip
+    return {
+        "run_id": rid,
+        "study": "t",
+        "model": model,
+        "dataset": dataset,
+        "init": "init",
+        "optimizer": optimizer,
+        "seed": seed,
+        "shortcut": shortcut,
+        "perturbation": perturbation,
+    }
 
 
 def _history(best: dict[tuple, float], statuses=None) -> pd.DataFrame:
@@ -40,17 +48,32 @@ def _history(best: dict[tuple, float], statuses=None) -> pd.DataFrame:
         r = _run(model, seed, shortcut=shortcut, optimizer=optimizer)
         for epoch, a in ((0, 0.1), (1, acc), (2, acc - 0.01)):
             for split in ("train", "test"):
-                rows.append({**r, "epoch": epoch, "step": 10 * epoch, "split": split,
-                             "loss": 1.0, "accuracy": a if split == "test" else 0.5,
-                             "status": (statuses or {}).get(r["run_id"], "completed")})  # fmt: skip
+                rows.append(
+                    {
+                        **r,
+                        "epoch": epoch,
+                        "step": 10 * epoch,
+                        "split": split,
+                        "loss": 1.0,
+                        "accuracy": a if split == "test" else 0.5,
+                        "status": (statuses or {}).get(r["run_id"], "completed"),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 def _claim(test, threshold=0.0, expect="above", note="", **params):
     spec = catalog.CLAIM_TESTS[test]
     full = {k: p.default for k, p in spec.params.items()} | params
-    return {"id": f"c-{test}", "statement": "a claim", "test": test, "params": full,
-            "threshold": threshold, "expect": expect, "note": note}  # fmt: skip
+    return {
+        "id": f"c-{test}",
+        "statement": "a claim",
+        "test": test,
+        "params": full,
+        "threshold": threshold,
+        "expect": expect,
+        "note": note,
+    }
 
 
 def _write(tmp_path, **frames):
@@ -139,18 +162,29 @@ def _distances(values_by_seed: dict[int, list[float]], shortcut="residual") -> p
         for step, scale in ((5, 2.0), (10, 1.0), (15, 0.0)):
             for depth, v in enumerate([100.0, *mid, 1000.0]):
                 for reference in ("init", "previous"):
-                    rows.append({**r, "step": step, "reference": reference,
-                                 "granularity": "block", "depth": depth, "name": f"b{depth}",
-                                 "mean_abs": v * (1 + scale) / 2 if step != 15 else v,
-                                 "status": "completed"})  # fmt: skip
+                    rows.append(
+                        {
+                            **r,
+                            "step": step,
+                            "reference": reference,
+                            "granularity": "block",
+                            "depth": depth,
+                            "name": f"b{depth}",
+                            "mean_abs": v * (1 + scale) / 2 if step != 15 else v,
+                            "status": "completed",
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
 def test_depth_trend(tmp_path):
     # mid blocks [a, 2, 4 - a]: divided by their mean 2, the slope against (0, .5, 1) is 2 - a
     d = _distances({0: [3.0, 2.0, 1.0], 1: [4.0, 2.0, 0.0], 2: [3.5, 2.0, 0.5]})
-    paths = _write(tmp_path, distances=d, history=_history({("m", s, "residual", "sgd"): 0.9
-                                                            for s in range(3)}))  # fmt: skip
+    paths = _write(
+        tmp_path,
+        distances=d,
+        history=_history({("m", s, "residual", "sgd"): 0.9 for s in range(3)}),
+    )
     below = _claim("depth_trend", 0.0, "below", where=RES)
     row = findings.findings([below], paths).iloc[0]
     assert row["values"] == pytest.approx([-1.0, -2.0, -1.5])
@@ -189,16 +223,24 @@ def test_share_unchanged(tmp_path):
                 "status": "completed",
             }
         )
-    paths = _write(tmp_path, frozen=pd.DataFrame(rows),
-                   history=_history({("resnet", s, "residual", "sgd"): 0.9 for s in range(3)}))  # fmt: skip
+    paths = _write(
+        tmp_path,
+        frozen=pd.DataFrame(rows),
+        history=_history({("resnet", s, "residual", "sgd"): 0.9 for s in range(3)}),
+    )
     row = findings.findings([_claim("share_unchanged", 0.6, "above")], paths).iloc[0]
     assert row.statistic == pytest.approx(0.65) and row.verdict == "inconclusive"
     lo, hi = _ci3([0.70, 0.65, 0.60])[1:]
     assert (row.ci_low, row.ci_high) == pytest.approx((lo, hi))
     moved = _claim("share_unchanged", 0.6, "above", measure="never_moved")
     assert findings.findings([moved], paths).iloc[0].verdict == "contradicted"
-    reached = _claim("share_unchanged", 0.2, "below", measure="never_reached",
-                     where={"model_name": "resnet18-torchvision"})  # fmt: skip
+    reached = _claim(
+        "share_unchanged",
+        0.2,
+        "below",
+        measure="never_reached",
+        where={"model_name": "resnet18-torchvision"},
+    )
     assert findings.findings([reached], paths).iloc[0].verdict == "supported"
 
 
@@ -207,17 +249,36 @@ def _perturbations():
     offset = [0.20, 0.22, 0.24]
     for seed in range(3):
         src = _run("m", seed)
-        for label, rel, cka in (("identity", 0.20, 0.95), ("offset", offset[seed], 0.90),
-                                ("sign-flip", 2.0, 0.3)):  # fmt: skip
+        for label, rel, cka in (
+            ("identity", 0.20, 0.95),
+            ("offset", offset[seed], 0.90),
+            ("sign-flip", 2.0, 0.3),
+        ):
             b = _run("m", seed, perturbation=label)
-            row = {**b, "seed": seed + 1000, "source_run": src["run_id"], "source_seed": seed,
-                   "perturbation_name": label, "status": "completed", "granularity": "model",
-                   "rel_dist_theta1_theta2": rel, "best_accuracy_after": 0.9}  # fmt: skip
+            row = {
+                **b,
+                "seed": seed + 1000,
+                "source_run": src["run_id"],
+                "source_seed": seed,
+                "perturbation_name": label,
+                "status": "completed",
+                "granularity": "model",
+                "rel_dist_theta1_theta2": rel,
+                "best_accuracy_after": 0.9,
+            }
             row.pop("shortcut")
             rows.append(row)
             rows.append({**row, "granularity": "block", "rel_dist_theta1_theta2": 99.0})
-            sim.append({"run_a": src["run_id"], "run_b": b["run_id"], "kind": "perturbations",
-                        "measure": "cka_linear", "value": cka, "note": ""})  # fmt: skip
+            sim.append(
+                {
+                    "run_a": src["run_id"],
+                    "run_b": b["run_id"],
+                    "kind": "perturbations",
+                    "measure": "cka_linear",
+                    "value": cka,
+                    "note": "",
+                }
+            )
     best = {("m", s, "residual", "sgd"): 0.9 for s in range(3)}
     h = _history(best)
     branches = h.assign(
@@ -229,13 +290,20 @@ def _perturbations():
 def test_perturbation_return(tmp_path):
     pt, sim, hist = _perturbations()
     paths = _write(tmp_path, perturbations=pt, similarity=sim, history=hist)
-    ratio = _claim("perturbation_return", 1.5, "below", branch="offset", control="identity",
-                   contrast="ratio")  # fmt: skip
+    ratio = _claim(
+        "perturbation_return", 1.5, "below", branch="offset", control="identity", contrast="ratio"
+    )
     row = findings.findings([ratio], paths).iloc[0]
     assert row["values"] == pytest.approx([1.0, 1.1, 1.2]) and list(row.seeds) == [0, 1, 2]
     assert row.verdict == "supported"
-    diff = _claim("perturbation_return", -0.1, "above", branch="offset", control="identity",
-                  measure="cka_linear")  # fmt: skip
+    diff = _claim(
+        "perturbation_return",
+        -0.1,
+        "above",
+        branch="offset",
+        control="identity",
+        measure="cka_linear",
+    )
     row = findings.findings([diff], paths).iloc[0]
     assert row.statistic == pytest.approx(-0.05) and row.verdict == "supported"
     flip = _claim("perturbation_return", 1.0, "above", branch="sign-flip", by=["shortcut"])
@@ -249,17 +317,24 @@ def test_feature_correlation_gap(tmp_path):
         (m, s, "residual", o): 0.9 for m in ("a", "b") for s in range(3) for o in ("adam", "sgd")
     }
     hist = _history(best)
-    values = {("adam", "a"): [0.30, 0.32, 0.34], ("sgd", "a"): [0.10, 0.10, 0.10],
-              ("adam", "b"): [0.10, 0.10, 0.10], ("sgd", "b"): [0.11, 0.09, 0.12]}  # fmt: skip
+    values = {
+        ("adam", "a"): [0.30, 0.32, 0.34],
+        ("sgd", "a"): [0.10, 0.10, 0.10],
+        ("adam", "b"): [0.10, 0.10, 0.10],
+        ("sgd", "b"): [0.11, 0.09, 0.12],
+    }
     sim = []
     for (opt, model), vs in values.items():
         for seed, v in enumerate(vs):
             rid = _run(model, seed, optimizer=opt)["run_id"]
-            sim += [{"run_a": rid, "run_b": rid, "kind": "within", "measure": m, "value": x,
-                     "note": ""} for m, x in (("mean_abs_offdiag_corr", v), ("effective_rank", 5.0))]  # fmt: skip
+            sim += [
+                {"run_a": rid, "run_b": rid, "kind": "within", "measure": m, "value": x, "note": ""}
+                for m, x in (("mean_abs_offdiag_corr", v), ("effective_rank", 5.0))
+            ]
     paths = _write(tmp_path, similarity=pd.DataFrame(sim), history=hist)
-    claim = _claim("feature_correlation_gap", a={"optimizer": "adam"}, b={"optimizer": "sgd"},
-                   by=["model"])  # fmt: skip
+    claim = _claim(
+        "feature_correlation_gap", a={"optimizer": "adam"}, b={"optimizer": "sgd"}, by=["model"]
+    )
     df = findings.findings([claim], paths)
     rows = df[df.kind == "claim"].set_index("group")
     assert rows.loc["model=a", "statistic"] == pytest.approx(0.22)
@@ -274,16 +349,29 @@ def _gradients(first: list[float], shortcut: str, vanish: bool = False) -> pd.Da
         r = _run(shortcut, seed, shortcut=shortcut)
         for step in (2, 4):
             for depth, rms in enumerate([5.0, g, 0.01, 0.1, 7.0]):  # stem, 3 blocks, head
-                rows.append({**r, "step": step, "granularity": "block", "depth": depth,
-                             "name": f"b{depth}", "grad_rms": rms,
-                             "vanishing": vanish and step == 4 and depth == 1,
-                             "exploding": False, "status": "completed"})  # fmt: skip
+                rows.append(
+                    {
+                        **r,
+                        "step": step,
+                        "granularity": "block",
+                        "depth": depth,
+                        "name": f"b{depth}",
+                        "grad_rms": rms,
+                        "vanishing": vanish and step == 4 and depth == 1,
+                        "exploding": False,
+                        "status": "completed",
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 def test_gradient_ratio(tmp_path):
-    g = pd.concat([_gradients([1e-3, 1e-4, 1e-5], "plain", vanish=True),
-                   _gradients([0.1, 0.1, 0.1], "residual")])  # fmt: skip
+    g = pd.concat(
+        [
+            _gradients([1e-3, 1e-4, 1e-5], "plain", vanish=True),
+            _gradients([0.1, 0.1, 0.1], "residual"),
+        ]
+    )
     hist = _history({(s, i, s, "sgd"): 0.9 for s in ("plain", "residual") for i in range(3)})
     paths = _write(tmp_path, gradients=g, history=hist)
     plain = _claim("gradient_ratio", 0.0, "below", where=PLAIN)
@@ -304,8 +392,10 @@ def test_gradient_ratio(tmp_path):
 def test_diverged_runs_are_kept_and_nan_statistics_dropped(tmp_path):
     d = _distances({0: [3.0, 2.0, 1.0], 1: [4.0, 2.0, 0.0], 2: [3.5, 2.0, 0.5]})
     d.loc[d.seed == 2, "mean_abs"] = np.nan  # a diverged run's NaN weights
-    hist = _history({("m", s, "residual", "sgd"): 0.9 for s in range(3)},
-                    statuses={_run("m", 2)["run_id"]: "diverged"})  # fmt: skip
+    hist = _history(
+        {("m", s, "residual", "sgd"): 0.9 for s in range(3)},
+        statuses={_run("m", 2)["run_id"]: "diverged"},
+    )
     paths = _write(tmp_path, distances=d, history=hist)
     row = findings.findings([_claim("depth_trend", 0.0, "below")], paths).iloc[0]
     assert (row.n_seeds, row.n_runs, row.n_dropped, row.diverged) == (2, 3, 1, 1)
@@ -332,15 +422,21 @@ def test_training_check_and_expected_failure(tmp_path):
 
 def test_outputs_columns_and_markdown(tmp_path):
     paths = _write(tmp_path, history=_history(GAP_BEST))
-    claims = [_claim("accuracy_gap", a=RES, b=PLAIN),
-              _claim("feature_correlation_gap", note="no run of t-demo matches {'optimizer': "
-                     "'adam'}", a={"optimizer": "adam"}, b={"optimizer": "sgd"})]  # fmt: skip
+    claims = [
+        _claim("accuracy_gap", a=RES, b=PLAIN),
+        _claim(
+            "feature_correlation_gap",
+            note="no run of t-demo matches {'optimizer': 'adam'}",
+            a={"optimizer": "adam"},
+            b={"optimizer": "sgd"},
+        ),
+    ]
     claims[1]["id"] = "untested"
     df = findings.findings(claims, paths, study="t", min_accuracy=0.9)  # no similarity table
     findings.write_findings(df, tmp_path / "f.parquet", tmp_path / "f.md", "t")
     back = read_parquet(tmp_path / "f.parquet")
-    documented = ["study", "claim", "statement", "group", "statistic", "n_seeds", "ci_low",
-                  "ci_high", "threshold", "verdict"]  # fmt: skip
+    documented = "study claim statement group statistic n_seeds ci_low ci_high threshold verdict"
+    documented = documented.split()
     assert list(back.columns[: len(documented)]) == documented
     assert list(back.columns) == findings.COLUMNS
     untested = back[back.claim == "untested"].iloc[0]
@@ -402,7 +498,7 @@ CFG = {
                     "threshold": 0,
                     "expect": "above",
                 },
-            ],  # fmt: skip
+            ],
             "variants": {"wide": {"optimizers": ["sgd", "adam"]}},
         }
     }
@@ -443,25 +539,36 @@ def test_expect_failure_changes_no_run():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"test": "depth_trends"}, "unknown claim test 'depth_trends'. Valid claim tests: "
-         "accuracy_gap, depth_trend"),
-        ({"params": {"a": {}, "b": {}, "group": "x"}}, "test 'accuracy_gap' has no parameter "
-         "'group' (its parameters: a, b, where, by, metric)"),
+        (
+            {"test": "depth_trends"},
+            "unknown claim test 'depth_trends'. Valid claim tests: accuracy_gap, depth_trend",
+        ),
+        (
+            {"params": {"a": {}, "b": {}, "group": "x"}},
+            "test 'accuracy_gap' has no parameter "
+            "'group' (its parameters: a, b, where, by, metric)",
+        ),
         ({"expect": "more"}, "config key 'studies/s/claims/0/expect'"),
         ({"params": {"a": {"shortcut": "residual"}}}, "test 'accuracy_gap' needs 'b'"),
         ({"params": {"a": {"modle": "x"}, "b": {}}}, "claims/0/params/a/modle': unknown column"),
-        ({"params": {"a": {"model": "resnet19"}, "b": {}}}, "'resnet19' is no model of this "
-         "study or its variants"),
+        (
+            {"params": {"a": {"model": "resnet19"}, "b": {}}},
+            "'resnet19' is no model of this study or its variants",
+        ),
         ({"params": {"a": {}, "b": {}, "metric": "worst"}}, "'worst' is not one of best, final"),
         ({"params": {"a": {}, "b": {}, "by": ["colour"]}}, "give a list of columns among"),
         ({"id": "trend"}, "claim id 'trend' is used twice"),
-        ({"test": "perturbation_return", "params": {"branch": "sign-flip"}},
-         "no perturbation labelled 'sign-flip' in this study or its variants (labels: identity)"),
-        ({"test": "share_unchanged", "params": {"measure": "never_reached"}},
-         "needs gradients.track_reached: true"),
+        (
+            {"test": "perturbation_return", "params": {"branch": "sign-flip"}},
+            "no perturbation labelled 'sign-flip' in this study or its variants (labels: identity)",
+        ),
+        (
+            {"test": "share_unchanged", "params": {"measure": "never_reached"}},
+            "needs gradients.track_reached: true",
+        ),
         ({"threshold": "zero"}, "config key 'studies/s/claims/0/threshold'"),
     ],
-)  # fmt: skip
+)
 def test_bad_claims_stop_before_any_job(change, message):
     with pytest.raises(ConfigError) as e:
         _load(_claims_with(**change))

@@ -234,8 +234,10 @@ def test_sliced_and_packed_tensors_match_float64(wide_run, threads):
     finally:
         torch.set_num_threads(before)
     index = df.set_index(["step", "reference", "granularity", "name"]).sort_index()
-    groups = {"layer": {"a": ["a"], "b.0": ["b.0"], "b.1": ["b.1"], "c": ["c"]},
-              "block": {"a": ["a"], "b": ["b.0", "b.1"], "c": ["c"]}}  # fmt: skip
+    groups = {
+        "layer": {"a": ["a"], "b.0": ["b.0"], "b.1": ["b.1"], "c": ["c"]},
+        "block": {"a": ["a"], "b": ["b.0", "b.1"], "c": ["c"]},
+    }
     for step in (1, 2, 3):
         for reference, ref in (("init", states[0]), ("previous", states[step - 1])):
             cur = states[step]

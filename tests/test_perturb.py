@@ -151,8 +151,9 @@ def test_reinit_changes_exactly_the_chosen_blocks():
     state, params = trained()
     blocks = ["layer4.1", "fc"]
     ctx = {"model_name": RESNET, "dataset": "mnist5k", "model_settings": SETTINGS}
-    out = apply(state, params, "reinit", {"blocks": blocks, "init": "kaiming-uniform"},
-                seed=7, **ctx)  # fmt: skip
+    out = apply(
+        state, params, "reinit", {"blocks": blocks, "init": "kaiming-uniform"}, seed=7, **ctx
+    )
     chosen = [k for k in params if k.startswith(("layer4.1.", "fc."))]
     assert chosen and any(k.startswith("layer4.1.bn") for k in chosen)
     changed = {k for k in state if not torch.equal(out[k], state[k])}
@@ -161,15 +162,23 @@ def test_reinit_changes_exactly_the_chosen_blocks():
     for k in chosen:
         assert torch.equal(out[k], fresh.state_dict()[k])
     # the run's own seed and init rewind the block to its exact initial weights
-    rewound = apply(state, params, "reinit", {"blocks": ["layer1.0"]}, seed=0,
-                    init="kaiming-normal", **ctx)  # fmt: skip
+    rewound = apply(
+        state, params, "reinit", {"blocks": ["layer1.0"]}, seed=0, init="kaiming-normal", **ctx
+    )
     init = initialise(build_model(RESNET, "mnist5k", SETTINGS), "kaiming-normal", 0).state_dict()
     for k in params:
         expected = init[k] if k.startswith("layer1.0.") else state[k]
         assert torch.equal(rewound[k], expected)
     # with buffers: the blocks' BatchNorm statistics are reset too, nothing else
-    out = apply(state, params, "reinit", {"blocks": ["layer4.1"], "include_buffers": True},
-                seed=7, init="default", **ctx)  # fmt: skip
+    out = apply(
+        state,
+        params,
+        "reinit",
+        {"blocks": ["layer4.1"], "include_buffers": True},
+        seed=7,
+        init="default",
+        **ctx,
+    )
     changed = {k for k in state if not torch.equal(out[k], state[k])}
     assert changed == {k for k in state if k.startswith("layer4.1.")}
     assert torch.equal(out["layer4.1.bn1.running_var"], torch.ones(4 * 8))
@@ -178,11 +187,16 @@ def test_reinit_changes_exactly_the_chosen_blocks():
 
 def test_reinit_block_prefix_is_exact():
     state, params = trained(settings={"width": 2}, name="resnet68-basic-plain")
-    ctx = {"model_name": "resnet68-basic-plain", "dataset": "mnist5k",
-           "model_settings": {"width": 2}, "init": "default"}  # fmt: skip
+    ctx = {
+        "model_name": "resnet68-basic-plain",
+        "dataset": "mnist5k",
+        "model_settings": {"width": 2},
+        "init": "default",
+    }
     out = apply(state, params, "reinit", {"blocks": ["layer3.1"]}, seed=3, **ctx)
-    changed = {k.split(".")[0] + "." + k.split(".")[1] for k in state
-               if not torch.equal(out[k], state[k])}  # fmt: skip
+    changed = {
+        k.split(".")[0] + "." + k.split(".")[1] for k in state if not torch.equal(out[k], state[k])
+    }
     assert changed == {"layer3.1"}  # not layer3.10 ... layer3.19
 
 
@@ -207,8 +221,11 @@ def test_reinit_errors_name_the_problem():
     "name, options, message",
     [
         ("signflip", {}, "unknown perturbation 'signflip'; valid: gaussian, identity, offset"),
-        ("gaussian", {"sigma": 0.1}, "perturbation 'gaussian': unknown option 'sigma'; valid: "
-                                     "scale, relative"),
+        (
+            "gaussian",
+            {"sigma": 0.1},
+            "perturbation 'gaussian': unknown option 'sigma'; valid: scale, relative",
+        ),
         ("gaussian", {"scale": -1}, "'gaussian': option 'scale' must be a positive number"),
         ("gaussian", {"scale": 0.1, "relative": "yes"}, "option 'relative' must be true or false"),
         ("offset", {"epsilon": float("nan")}, "'offset': option 'epsilon' must be a finite"),
@@ -222,7 +239,7 @@ def test_reinit_errors_name_the_problem():
         ("reinit", {"blocks": ["fc"], "init": "he"}, "option 'init': unknown init 'he'; valid:"),
         ("gaussian", [("scale", 1)], "options must be a mapping"),
     ],
-)  # fmt: skip
+)
 def test_bad_perturbations_are_named(name, options, message):
     with pytest.raises(ValueError, match=message):
         P.validate_perturbation(name, options)
@@ -235,8 +252,10 @@ def test_validation_fills_defaults_and_needs_no_torch():
     assert P.validate_perturbation("gaussian", None) == {"scale": 0.01, "relative": False}
     assert P.validate_perturbation("offset", {}) == {"epsilon": 1e-6}
     assert P.validate_perturbation("reinit", {"blocks": ["fc"]}, block_names=["stem", "fc"]) == {
-        "blocks": ["fc"], "init": None, "include_buffers": False,
-    }  # fmt: skip
+        "blocks": ["fc"],
+        "init": None,
+        "include_buffers": False,
+    }
     assert set(P.PERTURBATIONS) == set(P.PERTURBATION_OPTIONS)
     code = (
         "import sys; from paramdyn.perturb import validate_perturbation as v; "
@@ -281,8 +300,9 @@ def test_perturbation_summary_by_hand():
 def test_perturb_checkpoint(tmp_path):
     model = build_model(RESNET, "mnist5k", SETTINGS)
     initialise(model, "kaiming-normal", 0)
-    path = save_checkpoint(tmp_path, model, epoch=3, step=30, epoch_end=True, run_id="r",
-                           blocks=model.block_names())  # fmt: skip
+    path = save_checkpoint(
+        tmp_path, model, epoch=3, step=30, epoch_end=True, run_id="r", blocks=model.block_names()
+    )
     state, params = P.perturb_checkpoint(path, "sign_flip", seed=0)
     assert params == [k for k, _ in model.named_parameters()]
     sd = model.state_dict()
@@ -299,13 +319,24 @@ def test_perturbation_bars(tmp_path):
 
     rows = []
     for seed in range(3):
-        for name, rel, after in (("identity", 0.2, 0.98), ("offset", 0.21, 0.98),
-                                 ("sign_flip", 1.9, 0.11)):  # fmt: skip
+        for name, rel, after in (
+            ("identity", 0.2, 0.98),
+            ("offset", 0.21, 0.98),
+            ("sign_flip", 1.9, 0.11),
+        ):
             for model in ("lenet5", "resnet18-basic-residual"):
-                rows.append({"perturbation": name, "model": model, "dataset": "mnist",
-                             "seed": seed, "dist_theta1_theta2": rel * 10 + seed,
-                             "norm_theta1": 10.0, "accuracy_before": 0.98,
-                             "accuracy_after": after})  # fmt: skip
+                rows.append(
+                    {
+                        "perturbation": name,
+                        "model": model,
+                        "dataset": "mnist",
+                        "seed": seed,
+                        "dist_theta1_theta2": rel * 10 + seed,
+                        "norm_theta1": 10.0,
+                        "accuracy_before": 0.98,
+                        "accuracy_after": after,
+                    }
+                )
     out = tmp_path / "perturbations.png"
     plots.perturbation_bars(pd.DataFrame(rows), out)
     assert out.stat().st_size > 10000

@@ -25,10 +25,18 @@ MIN_GRID_PANEL_INCHES = 1.6  # each panel of a grid
 def _grid(model: str, shortcut: str, dataset: str, seed: int, **extra) -> dict:
     run_id = f"{model}_{dataset}_kaiming-normal_adam_s{seed}"
     return dict(
-        run_id=run_id, study="t", model=model, model_name=model, shortcut=shortcut,
-        dataset=dataset, init="kaiming-normal", optimizer="adam", seed=seed, perturbation="",
+        run_id=run_id,
+        study="t",
+        model=model,
+        model_name=model,
+        shortcut=shortcut,
+        dataset=dataset,
+        init="kaiming-normal",
+        optimizer="adam",
+        seed=seed,
+        perturbation="",
         **extra,
-    )  # fmt: skip
+    )
 
 
 def _value(depth: int, step: int, seed: int, reference: str) -> float:
@@ -38,9 +46,14 @@ def _value(depth: int, step: int, seed: int, reference: str) -> float:
 
 
 def distances_table(
-    families=("resnet18-basic-even",), datasets=("mnist",), seeds=(0, 1, 2), blocks=4,
-    steps=(1, 2, 3, 4), every=1, branches=False,
-) -> pd.DataFrame:  # fmt: skip
+    families=("resnet18-basic-even",),
+    datasets=("mnist",),
+    seeds=(0, 1, 2),
+    blocks=4,
+    steps=(1, 2, 3, 4),
+    every=1,
+    branches=False,
+) -> pd.DataFrame:
     """Block rows (depth 0 = stem, blocks + 1 = classifier) of plain and residual twins,
     checkpoints at ``steps`` (epoch ends every ``every``-th), against init and previous."""
     rows = []
@@ -57,11 +70,24 @@ def distances_table(
             gap = step - ref_step if reference == "previous" else 1  # the table is not per step
             value = _value(depth, step, seed, reference) * gap
             for perturbation in ("", "sign-flip") if branches else ("",):
-                row = _grid(model, shortcut, dataset, seed, granularity="block",
-                            name=f"b{depth}", block=f"b{depth}", depth=depth, numel=10,
-                            epoch=(k + 1) // every, step=step, epoch_end=(k + 1) % every == 0,
-                            reference=reference, ref_epoch=0, ref_step=ref_step,
-                            mean_abs=value + (5.0 if perturbation else 0.0))  # fmt: skip
+                row = _grid(
+                    model,
+                    shortcut,
+                    dataset,
+                    seed,
+                    granularity="block",
+                    name=f"b{depth}",
+                    block=f"b{depth}",
+                    depth=depth,
+                    numel=10,
+                    epoch=(k + 1) // every,
+                    step=step,
+                    epoch_end=(k + 1) % every == 0,
+                    reference=reference,
+                    ref_epoch=0,
+                    ref_step=ref_step,
+                    mean_abs=value + (5.0 if perturbation else 0.0),
+                )
                 row["l1"], row["l2"], row["ref_norm"] = 10 * row["mean_abs"], value, 1.0
                 row["perturbation"] = perturbation
                 rows.append(row)
@@ -152,9 +178,11 @@ def similarity_table(runs: int) -> pd.DataFrame:
     ids = [f"m_mnist_kaiming-normal_adam_s{i}" for i in range(runs)]
     pairs = list(itertools.combinations(ids, 2)) or [(ids[0], ids[0])]
     return pd.DataFrame(
-        [dict(run_a=a, run_b=b, kind="seeds", measure="cka_linear", value=0.8, note="")
-         for a, b in pairs]
-    )  # fmt: skip
+        [
+            dict(run_a=a, run_b=b, kind="seeds", measure="cka_linear", value=0.8, note="")
+            for a, b in pairs
+        ]
+    )
 
 
 def _parquet(tmp_path, df: pd.DataFrame, name: str):
@@ -277,11 +305,16 @@ def test_step_figure_one_panel_per_family_and_shortcut(tmp_path, reference):
     axes = np.array(_axes(fig)).reshape(3, 4)
     # rows by number of blocks, then name; columns: each dataset's plain then residual
     assert [ax.get_title() for ax in axes[0]] == [
-        "cifar10: plain", "cifar10: residual", "mnist: plain", "mnist: residual",
-    ]  # fmt: skip
+        "cifar10: plain",
+        "cifar10: residual",
+        "mnist: plain",
+        "mnist: residual",
+    ]
     assert [ax.texts[-1].get_text().split("\n")[0] for ax in axes[:, -1]] == [
-        "resnet18-basic-even", "resnet26-bottleneck-even", "resnet34-basic-even",
-    ]  # fmt: skip
+        "resnet18-basic-even",
+        "resnet26-bottleneck-even",
+        "resnet34-basic-even",
+    ]
     # one line per block (4 building blocks, 6 for the deeper resnet34 family)
     assert [len(ax.get_lines()) for ax in axes[:, 0]] == [4, 4, 6]
 
@@ -336,8 +369,16 @@ def _one_and_many(kind: str, tmp_path, many: bool):
     raise ValueError(kind)
 
 
-KINDS = ["distance_vs_depth", "history", "gradients", "frozen", "change", "average",
-         "perturbations", "cka"]  # fmt: skip
+KINDS = [
+    "distance_vs_depth",
+    "history",
+    "gradients",
+    "frozen",
+    "change",
+    "average",
+    "perturbations",
+    "cka",
+]
 
 
 @pytest.mark.parametrize("many", [False, True], ids=["one", "many"])

@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 
 from paramdyn.config import DEFAULT_SCHEMA, load_studies
-from paramdyn.data import prepare
 from paramdyn.train import train_run
 
 STUDY = {
@@ -38,13 +37,6 @@ def make_spec(**changes):
     return spec
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "synthetic.safetensors"
-    prepare("synthetic", path.parent, path)
-    return path
-
-
 def ckpt_bytes(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((run_dir / "checkpoints").glob("step*"))}
 
@@ -54,21 +46,21 @@ def history_without_time(run_dir: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def reference(dataset, tmp_path_factory):
+def reference(synthetic, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    info = train_run(make_spec(), dataset, run_dir, device="cpu")
+    info = train_run(make_spec(), synthetic, run_dir, device="cpu")
     return run_dir, info
 
 
-def test_same_seed_is_bitwise_identical(dataset, reference, tmp_path):
+def test_same_seed_is_bitwise_identical(synthetic, reference, tmp_path):
     ref_dir, info = reference
     assert info["status"] == "completed"
     again = tmp_path / "again"
-    train_run(make_spec(), dataset, again, device="cpu")
+    train_run(make_spec(), synthetic, again, device="cpu")
     assert ckpt_bytes(again) == ckpt_bytes(ref_dir)
     pd.testing.assert_frame_equal(history_without_time(again), history_without_time(ref_dir))
     other = tmp_path / "other"
-    train_run(make_spec(seeds=[1]), dataset, other, device="cpu")
+    train_run(make_spec(seeds=[1]), synthetic, other, device="cpu")
     a, b = ckpt_bytes(other), ckpt_bytes(ref_dir)
     assert a.keys() == b.keys() and all(a[k] != b[k] for k in a)
 
@@ -82,10 +74,10 @@ train_run(spec, sys.argv[2], sys.argv[3], device="cpu", snapshot_seconds=0)
 """
 
 
-def _run_and_kill(spec_file, dataset, run_dir, after_checkpoints: int) -> bool:
+def _run_and_kill(spec_file, synthetic, run_dir, after_checkpoints: int) -> bool:
     """Start training in a real process; SIGKILL it once the work directory holds
     ``after_checkpoints`` checkpoints. Returns whether it was killed before finishing."""
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, spec_file, dataset, run_dir])
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, spec_file, synthetic, run_dir])
     ckpts = Path(str(run_dir) + ".work") / "checkpoints"
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
@@ -99,20 +91,20 @@ def _run_and_kill(spec_file, dataset, run_dir, after_checkpoints: int) -> bool:
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_resume_after_sigkill_is_bitwise_identical(dataset, reference, tmp_path, optimizer):
+def test_resume_after_sigkill_is_bitwise_identical(synthetic, reference, tmp_path, optimizer):
     ref_dir, _ = reference
     spec = make_spec()
     if optimizer == "adam":  # its own uninterrupted reference
         spec = make_spec(optimizers=[{"name": "adam", "lr": 0.002}])
         ref_dir = tmp_path / "reference"
-        train_run(spec, dataset, ref_dir, device="cpu")
+        train_run(spec, synthetic, ref_dir, device="cpu")
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(spec.to_json())
     run_dir = tmp_path / "killed"
-    killed = [_run_and_kill(str(spec_file), str(dataset), str(run_dir), n) for n in (2, 5, 8)]
+    killed = [_run_and_kill(str(spec_file), str(synthetic), str(run_dir), n) for n in (2, 5, 8)]
     assert any(killed), "training finished before any kill: make it longer"
     assert not (run_dir / "run.json").exists()
-    info = train_run(spec, dataset, run_dir, device="cpu")  # the same command again
+    info = train_run(spec, synthetic, run_dir, device="cpu")  # the same command again
     assert info["status"] == "completed"
     assert ckpt_bytes(run_dir) == ckpt_bytes(ref_dir)
     pd.testing.assert_frame_equal(history_without_time(run_dir), history_without_time(ref_dir))
@@ -124,30 +116,30 @@ def test_resume_after_sigkill_is_bitwise_identical(dataset, reference, tmp_path,
     assert reached.read_bytes() == (ref_dir / "grad_reached.safetensors").read_bytes()
 
 
-def test_forced_rerun_republishes_instead_of_retraining(dataset, tmp_path):
+def test_forced_rerun_republishes_instead_of_retraining(synthetic, tmp_path):
     spec = make_spec(epochs=1)
     run_dir = tmp_path / "run"
-    train_run(spec, dataset, run_dir, device="cpu", code="v1")
+    train_run(spec, synthetic, run_dir, device="cpu", code="v1")
     first = {p.name: p.stat().st_ino for p in (run_dir / "checkpoints").iterdir()}
     # what Snakemake does before a forced rerun: delete the outputs
     for p in (run_dir / "checkpoints").iterdir():
         p.unlink()
     (run_dir / "run.json").unlink()
     t = time.perf_counter()
-    train_run(spec, dataset, run_dir, device="cpu", code="v1")
+    train_run(spec, synthetic, run_dir, device="cpu", code="v1")
     assert time.perf_counter() - t < 5
     assert {p.name: p.stat().st_ino for p in (run_dir / "checkpoints").iterdir()} == first
     # other code (or other hyper-parameters) trains again
-    train_run(spec, dataset, run_dir, device="cpu", code="v2")
+    train_run(spec, synthetic, run_dir, device="cpu", code="v2")
     assert {p.name: p.stat().st_ino for p in (run_dir / "checkpoints").iterdir()} != first
 
 
-def test_divergence_stops_and_is_flagged(dataset, tmp_path):
+def test_divergence_stops_and_is_flagged(synthetic, tmp_path):
     from paramdyn.checkpoints import list_checkpoints
     from paramdyn.measures import compare
 
     spec = make_spec(models=["lenet5"], optimizers=[{"name": "sgd", "lr": 100.0}], augment=False)
-    info = train_run(spec, dataset, tmp_path / "run", device="cpu")
+    info = train_run(spec, synthetic, tmp_path / "run", device="cpu")
     assert info["status"] == "diverged"
     assert info["diverged_at_step"] < info["derived"]["total_steps"]
     hist = pd.read_parquet(tmp_path / "run" / "history.parquet")
@@ -173,7 +165,7 @@ def test_disk_estimate_counts_checkpoints(capsys):
     assert spec.checkpoint_steps() == sorted({*range(0, 49, 5), 16, 32, 48})
 
 
-def test_drop_step_checkpoints_keeps_epoch_ends(dataset, reference, tmp_path):
+def test_drop_step_checkpoints_keeps_epoch_ends(synthetic, reference, tmp_path):
     import shutil
 
     from paramdyn.checkpoints import drop_step_checkpoints

@@ -2,7 +2,7 @@
 the rerun, a live run's never.
 
 The end-to-end tests run a ``make demo``-like target (make -> sh -> the lock -> the real
-snakemake CLI -> its jobs) on tests/cluster/tiny.yaml in a temporary directory, up to the
+snakemake CLI -> its jobs) on the tiny study's two runs in a temporary directory, up to the
 training jobs (``--until train``: the locks are the same, the test shorter), in a process
 group of its own, as a terminal runs it; "killed" is SIGKILL to the whole group
 (what a power cut or a preempted node does to every process at once).
@@ -35,10 +35,10 @@ demo:
 
 
 @pytest.fixture
-def work(tmp_path) -> Path:
-    """A workdir with the tiny study (longer training, so a kill lands in it) and a
-    Makefile whose `demo` runs it under the lock."""
-    cfg = yaml.safe_load((REPO / "tests" / "cluster" / "tiny.yaml").read_text())
+def work(tmp_path, tiny_two_runs) -> Path:
+    """A workdir with the tiny study's two runs (longer training, so a kill lands in it) and
+    a Makefile whose `demo` runs it under the lock."""
+    cfg = tiny_two_runs
     cfg["studies"]["tiny"].update(epochs=12, checkpoint={"every_epochs": 6})
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "Makefile").write_text(
@@ -207,5 +207,8 @@ def test_unlock_command_keeps_the_workflow_options():
         "snakemake", "--snakefile", "S", "--directory", "W", "--profile", "profiles/local",
         "--configfiles", "a", "b", "--config", "run=[x,y]", "variant=demo", "--unlock",
     ]  # fmt: skip
+    py = [sys.executable, "-m", "snakemake", "--cores", "1", "-d", "W", "-C", "a=1"]
+    assert runlock.unlock_command(py) == [*py[:3], "--directory", "W", "--config", "a=1",
+                                          "--unlock"]  # fmt: skip
     assert runlock.workdir_of(["-d", "/tmp/x", "--cores", "1"]) == Path("/tmp/x").resolve()
     assert runlock.workdir_of(["--cores", "1"]) == Path.cwd()

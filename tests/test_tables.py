@@ -12,12 +12,23 @@ def test_best_and_final_over_seeds(tmp_path):
     for seed, accs in curves.items():
         for epoch, acc in enumerate(accs):
             for split in ("train", "test"):
-                rows.append({
-                    "run_id": f"m_d_i_o_s{seed}", "model": "m", "dataset": "d", "init": "i",
-                    "optimizer": "o", "perturbation": "", "seed": seed, "epoch": epoch,
-                    "step": epoch * 10, "split": split, "loss": 1.0,
-                    "accuracy": acc if split == "test" else 0.0, "status": "completed",
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "run_id": f"m_d_i_o_s{seed}",
+                        "model": "m",
+                        "dataset": "d",
+                        "init": "i",
+                        "optimizer": "o",
+                        "perturbation": "",
+                        "seed": seed,
+                        "epoch": epoch,
+                        "step": epoch * 10,
+                        "split": split,
+                        "loss": 1.0,
+                        "accuracy": acc if split == "test" else 0.0,
+                        "status": "completed",
+                    }
+                )
     write_parquet(pd.DataFrame(rows), tmp_path / "h.parquet")
     df = accuracy_table(tmp_path / "h.parquet", tmp_path / "a.parquet", tmp_path / "a.md")
     (r,) = df.itertuples()

@@ -19,54 +19,8 @@ from safetensors import safe_open
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
-TINY = {
-    "run": ["tiny"],
-    "studies": {
-        "tiny": {
-            "models": [
-                {"name": "resnet18-basic-residual-even", "width": 4},
-                {"name": "resnet18-basic-plain-even", "width": 4},
-            ],
-            "datasets": ["synthetic"],
-            "inits": ["kaiming-normal"],
-            "optimizers": [{"name": "sgd", "lr": 0.05}],
-            "seeds": [0, 1],
-            "epochs": 2,
-            "batch_size": 128,
-            "checkpoint": {"every_epochs": 1, "every_steps": 3},
-            "measures": {"minkowski_p": [3]},
-            "gradients": {"every_steps": 2, "track_reached": True},
-            "perturbations": [{"name": "sign_flip"}],
-            "features": {"probe_size": 64, "unbiased": True},
-            "claims": [
-                {
-                    "id": "gap",
-                    "statement": "residual trains better",
-                    "test": "accuracy_gap",
-                    "params": {"a": {"shortcut": "residual"}, "b": {"shortcut": "plain"}},
-                    "threshold": 0,
-                    "expect": "above",
-                },
-                {
-                    "id": "trend",
-                    "statement": "input blocks move more",
-                    "test": "depth_trend",
-                    "params": {"by": ["shortcut"]},
-                    "threshold": 0,
-                    "expect": "below",
-                },
-                {
-                    "id": "flip",
-                    "statement": "a sign flip lands far away",
-                    "test": "perturbation_return",
-                    "params": {"branch": "sign-flip"},
-                    "threshold": 1,
-                    "expect": "above",
-                },
-            ],  # fmt: skip
-        }
-    },
-}
+# the tiny study, richer than a grid: seeds, a perturbation branch, gradients, features, claims
+TINY = yaml.safe_load((REPO / "tests" / "cluster" / "tiny.yaml").read_text())
 BASE = [
     f"resnet18-basic-{s}-even_synthetic_kaiming-normal_sgd_s{seed}"
     for s in ("residual", "plain")
@@ -141,14 +95,28 @@ def test_distances_schema(tiny):
     schema = pq.read_schema(path)
     types = {n: str(schema.field(n).type) for n in schema.names}
     expected = {
-        "run_id": "large_string", "model": "large_string", "dataset": "large_string",
-        "init": "large_string", "optimizer": "large_string", "seed": "int64",
-        "epoch": "int64", "step": "int64", "reference": "large_string",
-        "granularity": "large_string", "name": "large_string", "depth": "int64",
-        "numel": "int64", "l1": "double", "l2": "double", "linf": "double",
-        "mean_abs": "double", "rel_l2": "double", "cosine": "double",
-        "frac_changed": "double", "minkowski_p3": "double",
-    }  # fmt: skip
+        "run_id": "large_string",
+        "model": "large_string",
+        "dataset": "large_string",
+        "init": "large_string",
+        "optimizer": "large_string",
+        "seed": "int64",
+        "epoch": "int64",
+        "step": "int64",
+        "reference": "large_string",
+        "granularity": "large_string",
+        "name": "large_string",
+        "depth": "int64",
+        "numel": "int64",
+        "l1": "double",
+        "l2": "double",
+        "linf": "double",
+        "mean_abs": "double",
+        "rel_l2": "double",
+        "cosine": "double",
+        "frac_changed": "double",
+        "minkowski_p3": "double",
+    }
     for col, t in expected.items():
         assert types.get(col, "").replace("large_", "") == t.replace("large_", ""), col
     meta = json.loads(schema.metadata[b"paramdyn"])
@@ -288,8 +256,8 @@ def test_findings(tiny):
     work, _ = tiny
     study = work / "results" / "tiny"
     f = pq.read_table(study / "findings.parquet").to_pandas()
-    documented = ["study", "claim", "statement", "group", "statistic", "n_seeds", "ci_low",
-                  "ci_high", "threshold", "verdict"]  # fmt: skip
+    documented = "study claim statement group statistic n_seeds ci_low ci_high threshold verdict"
+    documented = documented.split()
     assert list(f.columns[: len(documented)]) == documented
     claims = f[f.kind == "claim"]
     assert list(dict.fromkeys(claims.claim)) == ["gap", "trend", "flip"]

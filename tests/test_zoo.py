@@ -109,9 +109,14 @@ def test_from_run_checkpoint(tmp_path):
 
 
 STUDY = {
-    "models": ["lenet5"], "datasets": ["synthetic"], "inits": ["default"],
-    "optimizers": ["sgd"], "seeds": [0], "epochs": 1, "batch_size": 64,
-}  # fmt: skip
+    "models": ["lenet5"],
+    "datasets": ["synthetic"],
+    "inits": ["default"],
+    "optimizers": ["sgd"],
+    "seeds": [0],
+    "epochs": 1,
+    "batch_size": 64,
+}
 
 
 def test_from_run_config():
@@ -129,7 +134,7 @@ def test_from_run_config():
                         "label": "ft",
                     }
                 ],
-            },  # fmt: skip
+            },
         },
     }
     studies = load_studies(cfg, DEFAULT_SCHEMA)
@@ -164,7 +169,7 @@ def test_from_run_needs_the_same_model():
                 **STUDY,
                 "models": ["cnn5-plain"],
                 "inits": [{"name": "from_run", "run": "base/lenet5_synthetic_default_sgd_s0"}],
-            },  # fmt: skip
+            },
         }
     }
     with pytest.raises(ConfigError, match="from_run needs the same model"):

@@ -196,6 +196,8 @@ def _idx_files(folder: str) -> tuple[str, ...]:
     )
 
 
+# A table, one dataset a row (name, source, channels, size, classes, train and test sizes,
+# description, files): kept in rows, not one value a line (the `fmt: skip` below).
 DATASETS: dict[str, DatasetSpec] = {
     "mnist5k": DatasetSpec(
         "mnist5k", "embedded", 1, 28, 10, 4000, 1000,
@@ -277,11 +279,21 @@ INITS: dict[str, NamedSpec] = {
 OPTIMIZERS: dict[str, NamedSpec] = {
     s.name: s
     for s in [
-        NamedSpec("sgd", "SGD with momentum", {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "nesterov": False}),
-        NamedSpec("adam", "Adam", {"lr": 0.001, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8}),
-        NamedSpec("adamw", "AdamW (decoupled weight decay)", {"lr": 0.001, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}),
+        NamedSpec(
+            "sgd",
+            "SGD with momentum",
+            {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "nesterov": False},
+        ),
+        NamedSpec(
+            "adam", "Adam", {"lr": 0.001, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8}
+        ),
+        NamedSpec(
+            "adamw",
+            "AdamW (decoupled weight decay)",
+            {"lr": 0.001, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8},
+        ),
     ]
-}  # fmt: skip
+}
 
 # Each optimizer's settings a config may set; anything else is an error.
 OPTIMIZER_SETTINGS: dict[str, tuple[str, ...]] = {
@@ -307,10 +319,8 @@ def describe(registry: dict[str, Any]) -> str:
 # The statistics a study's `claims` may test (paramdyn.findings computes them). Each test
 # computes one statistic per seed from the study's Parquet tables (`tables`: the rule
 # `findings` needs exactly those); its config entry's `params` are checked against
-# `params` here before any job starts.
-
-# Grid columns a claim may filter on (`where`, `a`, `b`) and group by (`by`).
-CLAIM_COLUMNS = ("model", "model_name", "shortcut", "dataset", "init", "optimizer", "perturbation")
+# `params` here before any job starts. The grid columns a claim may filter on and group by
+# are ``columns.CLAIM``.
 
 
 @dataclass(frozen=True)
@@ -352,21 +362,29 @@ CLAIM_TESTS: dict[str, ClaimTestSpec] = {
                 "where": _WHERE,
                 "by": _BY,
                 "metric": ClaimParam(
-                    "choice", "distances column", "mean_abs",
+                    "choice",
+                    "distances column",
+                    "mean_abs",
                     choices=("mean_abs", "rms", "l1", "l2", "linf", "rel_l2", "frac_changed"),
                 ),
                 "reference": ClaimParam(
-                    "choice", "distance from the init or from the previous checkpoint", "init",
+                    "choice",
+                    "distance from the init or from the previous checkpoint",
+                    "init",
                     choices=("init", "previous"),
                 ),
                 "over": ClaimParam(
-                    "choice", "each block's value over the run's checkpoints: their median "
-                    "or mean, or the final checkpoint's", "median",
+                    "choice",
+                    "each block's value over the run's checkpoints: their median "
+                    "or mean, or the final checkpoint's",
+                    "median",
                     choices=("median", "mean", "final"),
                 ),
                 "normalize": ClaimParam(
-                    "choice", "mean: divide by the run's mean over blocks (a relative slope); "
-                    "log: slope of log10; none: raw slope", "mean",
+                    "choice",
+                    "mean: divide by the run's mean over blocks (a relative slope); "
+                    "log: slope of log10; none: raw slope",
+                    "mean",
                     choices=("mean", "log", "none"),
                 ),
                 "exclude_ends": _EXCLUDE_ENDS,
@@ -382,7 +400,9 @@ CLAIM_TESTS: dict[str, ClaimTestSpec] = {
                 "where": _WHERE,
                 "by": _BY,
                 "metric": ClaimParam(
-                    "choice", "best or final test accuracy of each run", "best",
+                    "choice",
+                    "best or final test accuracy of each run",
+                    "best",
                     choices=("best", "final"),
                 ),
             },
@@ -397,7 +417,9 @@ CLAIM_TESTS: dict[str, ClaimTestSpec] = {
                 "where": _WHERE,
                 "by": _BY,
                 "measure": ClaimParam(
-                    "choice", "which share", "unchanged",
+                    "choice",
+                    "which share",
+                    "unchanged",
                     choices=("unchanged", "changed", "never_moved", "never_reached"),
                 ),
             },
@@ -411,20 +433,32 @@ CLAIM_TESTS: dict[str, ClaimTestSpec] = {
             {
                 "branch": ClaimParam("string", "the perturbation's label", required=True),
                 "control": ClaimParam(
-                    "string", "the control perturbation's label (e.g. identity); none: the "
+                    "string",
+                    "the control perturbation's label (e.g. identity); none: the "
                     "branch's measure itself",
                 ),
                 "measure": ClaimParam(
-                    "choice", "a perturbations.parquet column, or a similarity measure of "
-                    "the branch's features with its source's", "rel_dist_theta1_theta2",
-                    choices=("rel_dist_theta1_theta2", "dist_theta1_theta2",
-                             "cosine_theta1_theta2", "accuracy_after", "best_accuracy_after",
-                             "cka_linear", "cka_linear_unbiased", "matched_correlation",
-                             "procrustes"),
+                    "choice",
+                    "a perturbations.parquet column, or a similarity measure of "
+                    "the branch's features with its source's",
+                    "rel_dist_theta1_theta2",
+                    choices=(
+                        "rel_dist_theta1_theta2",
+                        "dist_theta1_theta2",
+                        "cosine_theta1_theta2",
+                        "accuracy_after",
+                        "best_accuracy_after",
+                        "cka_linear",
+                        "cka_linear_unbiased",
+                        "matched_correlation",
+                        "procrustes",
+                    ),
                 ),
                 "contrast": ClaimParam(
-                    "choice", "with a control: branch minus control, or branch over control",
-                    "difference", choices=("difference", "ratio"),
+                    "choice",
+                    "with a control: branch minus control, or branch over control",
+                    "difference",
+                    choices=("difference", "ratio"),
                 ),
                 "where": _WHERE,
                 "by": _BY,
@@ -441,7 +475,9 @@ CLAIM_TESTS: dict[str, ClaimTestSpec] = {
                 "where": _WHERE,
                 "by": _BY,
                 "measure": ClaimParam(
-                    "choice", "a within-run similarity measure", "mean_abs_offdiag_corr",
+                    "choice",
+                    "a within-run similarity measure",
+                    "mean_abs_offdiag_corr",
                     choices=("mean_abs_offdiag_corr", "effective_rank"),
                 ),
             },
@@ -456,7 +492,8 @@ CLAIM_TESTS: dict[str, ClaimTestSpec] = {
                 "where": _WHERE,
                 "by": _BY,
                 "measure": ClaimParam(
-                    "choice", "log10_ratio; ratio (10 to that power: the geometric mean); "
+                    "choice",
+                    "log10_ratio; ratio (10 to that power: the geometric mean); "
                     "vanishing, exploding or flagged (either): share of steps",
                     "log10_ratio",
                     choices=("log10_ratio", "ratio", "vanishing", "exploding", "flagged"),
@@ -465,4 +502,4 @@ CLAIM_TESTS: dict[str, ClaimTestSpec] = {
             },
         ),
     ]
-}  # fmt: skip
+}

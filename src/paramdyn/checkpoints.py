@@ -11,13 +11,15 @@ output; a key belongs to the block that prefixes it).
 from __future__ import annotations
 
 import json
-import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from . import atomic, paths
 
 FORMAT = "paramdyn-checkpoint/1"
 _NAME = re.compile(r"^step(\d{8})\.safetensors$")
@@ -27,11 +29,36 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class BlockError(ValueError):
+    """A state_dict key that no building block, or more than one, owns."""
+
+    def __init__(self, key: str, hits: list[tuple[str, int]]):
+        super().__init__(f"{key} is in blocks {hits}")
+        self.key, self.hits = key, hits
+
+
+def block_of(key: str, blocks: Sequence[str]) -> tuple[str, int]:
+    """The building block that owns the state_dict key ``key``, and its depth (its index in
+    ``blocks``, input to output): the one block whose name prefixes the key (``block.``).
+    Raises :class:`BlockError` when none or several do."""
+    hits = [(b, d) for d, b in enumerate(blocks) if key.startswith(b + ".")]
+    if len(hits) != 1:
+        raise BlockError(key, hits)
+    return hits[0]
+
+
 _DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}  # fmt: skip
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict) -> None:
@@ -53,13 +80,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, metada
         offset += raw.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
         for c in chunks:
             f.write(c)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -163,8 +188,8 @@ def drop_step_checkpoints(*directories: Path | str) -> int:
     dropped = 0
     for i, directory in enumerate(directories):
         folder = Path(directory)
-        if folder.name != "checkpoints":
-            folder = folder / "checkpoints"
+        if folder.name != paths.CHECKPOINTS:
+            folder = folder / paths.CHECKPOINTS
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob("step*.safetensors")):

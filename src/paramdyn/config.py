@@ -7,6 +7,8 @@ bad config stops before a single job starts. Types and keys are checked by the J
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -14,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import catalog
+from . import catalog, columns
+from .perturb import validate_perturbation
 
 DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
@@ -154,6 +157,7 @@ def _schema_error(err: Any) -> str:
 
 def validate_schema(config: dict[str, Any], schema: Path | str = DEFAULT_SCHEMA) -> None:
     """Check types and keys with snakemake.utils.validate (which also fills defaults in)."""
+    # here, not at the top: the jobs import this module (RunSpec) and need neither
     import jsonschema
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
@@ -627,8 +631,6 @@ def _expand_grid(
 
 def _branches(key: str, runs: dict[str, RunSpec], study: dict[str, Any], problems: Problems):
     """A perturb-and-retrain branch of every run for every perturbation of the study."""
-    from .perturb import validate_perturbation
-
     out: dict[str, RunSpec] = {}
     labels = []
     for i, entry in enumerate(study["perturbations"]):
@@ -643,21 +645,20 @@ def _branches(key: str, runs: dict[str, RunSpec], study: dict[str, Any], problem
         sources = _branch_sources(f"{key}/perturbations/{i}/where", runs, entry, problems)
         for run in sources:
             branch = f"{run.run_id}_{label}"
-            out[branch] = RunSpec(**{
-                **run.to_dict(),
-                "run_id": branch,
-                "seed": run.seed + study["perturb_seed_offset"],
-                "init_name": "perturbed",
-                "init_source": f"{run.study}/{run.run_id}",
-                "perturbation": label,
-                "perturbation_options": {"name": entry["name"], **options},
-            })  # fmt: skip
+            out[branch] = RunSpec(
+                **{
+                    **run.to_dict(),
+                    "run_id": branch,
+                    "seed": run.seed + study["perturb_seed_offset"],
+                    "init_name": "perturbed",
+                    "init_source": f"{run.study}/{run.run_id}",
+                    "perturbation": label,
+                    "perturbation_options": {"name": entry["name"], **options},
+                }
+            )
     if len(set(labels)) != len(labels):
         problems.add(f"{key}/perturbations", "give each entry a distinct 'label'")
     return out
-
-
-BRANCH_FILTERS = ("model", "model_name", "shortcut", "dataset", "init", "optimizer", "seed")
 
 
 def _branch_sources(
@@ -666,9 +667,10 @@ def _branch_sources(
     """The runs a perturbation branches from: every run, or those matching its ``where``
     ({field: value or [values]} on the run's grid coordinates)."""
     where = entry.get("where") or {}
-    unknown = sorted(set(where) - set(BRANCH_FILTERS))
+    unknown = sorted(set(where) - set(columns.BRANCH_FILTERS))
     if unknown:
-        problems.add(key, f"unknown field '{unknown[0]}'; filter on {', '.join(BRANCH_FILTERS)}")
+        fields = ", ".join(columns.BRANCH_FILTERS)
+        problems.add(key, f"unknown field '{unknown[0]}'; filter on {fields}")
         return []
     wanted = {k: {str(x) for x in (v if isinstance(v, list) else [v])} for k, v in where.items()}
     sources = [
@@ -775,8 +777,6 @@ def _variant(config: dict[str, Any], name: str, schema) -> tuple[str, dict[str, 
 
 
 def _merge_variant(name: str, study: dict[str, Any], variant: str, schema) -> dict[str, Any]:
-    import copy
-
     merged = {**copy.deepcopy(study), **copy.deepcopy(study["variants"][variant])}
     merged.pop("variants")
     try:
@@ -792,8 +792,6 @@ def _check_sources(
     """Each from_run init names a run that exists, with the same model; a study that is not
     selected but holds such a run is resolved too (not a target: its runs train as needed),
     under the config's variant like the others."""
-    import dataclasses
-
     for resolved in list(studies.values()):
         key = f"studies/{resolved.name}/inits"
         for run_id, run in list(resolved.runs.items()):
@@ -867,7 +865,7 @@ def _vocabulary(config: dict[str, Any], name: str) -> dict[str, set[str]]:
     claim is reported as not tested by that variant."""
     base = {k: v for k, v in config["studies"][name].items() if k != "variants"}
     forms = [base] + [{**base, **v} for v in config["studies"][name].get("variants", {}).values()]
-    vocab: dict[str, set[str]] = {c: set() for c in catalog.CLAIM_COLUMNS}
+    vocab: dict[str, set[str]] = {c: set() for c in columns.CLAIM}
     vocab["perturbation"].add("")
     for form in forms:
         for model in (_entry(x) for x in form.get("models", [])):
@@ -887,13 +885,13 @@ def _vocabulary(config: dict[str, Any], name: str) -> dict[str, set[str]]:
 def _check_param(
     where: str, param: catalog.ClaimParam, value: Any, vocab, problems: Problems
 ) -> None:
-    cols = ", ".join(catalog.CLAIM_COLUMNS)
+    cols = ", ".join(columns.CLAIM)
     if param.kind == "filter":
         if not isinstance(value, dict):
             problems.add(where, "give a mapping {column: value or [values]}")
             return
         for col, v in value.items():
-            if col not in catalog.CLAIM_COLUMNS:
+            if col not in columns.CLAIM:
                 problems.add(f"{where}/{col}", f"unknown column; columns: {cols}")
                 continue
             for x in v if isinstance(v, list) else [v]:
@@ -904,7 +902,7 @@ def _check_param(
                         f"{x!r} is no {col} of this study or its variants ({known})",
                     )
     elif param.kind == "columns":
-        if not isinstance(value, list) or any(c not in catalog.CLAIM_COLUMNS for c in value):
+        if not isinstance(value, list) or any(c not in columns.CLAIM for c in value):
             problems.add(where, f"give a list of columns among {cols}")
     elif param.kind == "choice":
         if value not in param.choices:
@@ -924,8 +922,6 @@ def _with_claims(
     completed with the defaults, and a note on each claim that this variant's runs cannot
     test; plus min_accuracy and the models marked expect_failure (neither is a
     hyper-parameter: no run id or RunSpec changes)."""
-    import dataclasses
-
     key = f"studies/{resolved.name}/claims"
     vocab = _vocabulary(config, base)
     claims, ids = [], set()
@@ -944,11 +940,17 @@ def _with_claims(
             continue
         params = _claim_params(where, test, claim.get("params") or {}, vocab, problems)
         _check_claim_records(where, test.name, params, study, resolved.name, problems)
-        claims.append({
-            "id": claim["id"], "statement": claim["statement"], "test": test.name,
-            "params": params, "threshold": float(claim["threshold"]), "expect": claim["expect"],
-            "note": _untested(resolved, test.name, params) if len(problems) == found else "",
-        })  # fmt: skip
+        claims.append(
+            {
+                "id": claim["id"],
+                "statement": claim["statement"],
+                "test": test.name,
+                "params": params,
+                "threshold": float(claim["threshold"]),
+                "expect": claim["expect"],
+                "note": _untested(resolved, test.name, params) if len(problems) == found else "",
+            }
+        )
     models = [_entry(item) for item in study["models"]]
     return dataclasses.replace(
         resolved,
@@ -1046,12 +1048,3 @@ def missing_files(dataset: str, data_dir: Path | str) -> list[str]:
         for f in catalog.DATASETS[dataset].files
         if not (root / f).is_file() and not (root / f"{f}.gz").is_file()
     ]
-
-
-def detect_device(requested: str) -> str:
-    """'cuda' or 'cpu' without importing torch: 'auto' means CUDA when an NVIDIA device
-    node is visible to this process (set ``device: cuda`` for clusters whose login nodes
-    have no GPU)."""
-    if requested != "auto":
-        return requested
-    return "cuda" if Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists() else "cpu"

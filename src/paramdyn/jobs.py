@@ -1,6 +1,10 @@
 """Entry points of the workflow's jobs: one function per rule, called by the thin scripts in
 ``scripts/`` with Snakemake's ``snakemake`` object. Each sends logging to the rule's log
-file and calls one function of the concept modules with plain paths."""
+file and calls one function of the concept modules with plain paths.
+
+Each function imports the modules of its job when it runs, not at the top: a job loads only
+what it needs (most table and figure jobs never import torch), and the training job leases its
+GPU before torch starts."""
 
 from __future__ import annotations
 
@@ -51,21 +55,22 @@ def prepare_dataset(smk) -> None:
 
 
 def train(smk) -> None:
-    from .config import RunSpec, detect_device
+    from .config import RunSpec
+    from .devices import detect_device
     from .gpus import lease_gpu
+    from .runs import FinishedRun
 
     with _logged(smk) as log:
         # one GPU of a multi-GPU box for this job, before CUDA starts (a no-op under SLURM,
         # which sets CUDA_VISIBLE_DEVICES, and with one GPU or none)
         if detect_device(smk.config.get("device", "auto")) == "cuda":
             lease_gpu(log)
-        from .train import train_run
+        from .train import train_run  # after the lease: CUDA_VISIBLE_DEVICES first
 
         spec = RunSpec.from_dict(json.loads(smk.params.hparams))
         source = None
         if spec.init_source:  # from_run: the source run's final checkpoint
-            src = Path(smk.input.source)
-            source = src.parent / "checkpoints" / json.loads(src.read_text())["checkpoints"][-1]
+            source = FinishedRun.read(smk.input.source).final_checkpoint
         # execution settings come from the config, not params: moving a study from CPU to
         # GPU must not count as a change of its hyper-parameters
         train_run(
@@ -85,13 +90,14 @@ def train(smk) -> None:
 def distances(smk) -> None:
     from .checkpoints import drop_step_checkpoints
     from .measures import frozen_table, run_distances
+    from .paths import GRAD_REACHED
+    from .runs import FinishedRun
 
     with _logged(smk) as log:
-        info = json.loads(Path(smk.input.run_json).read_text())
-        df = run_distances(smk.input.checkpoints, info, smk.output.distances)
-        log.info("%d rows for %s", len(df), info["run_id"])
-        masks = Path(smk.input.run_json).parent / "grad_reached.safetensors"
-        frozen_table(df, masks, info, smk.output.frozen)
+        run = FinishedRun.read(smk.input.run_json)
+        df = run_distances(smk.input.checkpoints, run, smk.output.distances)
+        log.info("%d rows for %s", len(df), run.run_id)
+        frozen_table(df, run.dir / GRAD_REACHED, run, smk.output.frozen)
         if not smk.params.keep_steps:
             dropped = drop_step_checkpoints(smk.input.checkpoints, smk.params.work_dir)
             log.info("dropped %d mid-epoch checkpoints (keep_steps: false)", dropped)

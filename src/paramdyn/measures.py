@@ -43,14 +43,21 @@ import numba
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
 
 from . import tables
-from .checkpoints import Checkpoint, CheckpointError, list_checkpoints, read_checkpoint
+from .checkpoints import (
+    BlockError,
+    Checkpoint,
+    CheckpointError,
+    block_of,
+    list_checkpoints,
+    read_checkpoint,
+)
+from .runs import FinishedRun
 
 log = logging.getLogger("paramdyn.measures")
 
-RUN_COLUMNS = ("run_id", "study", "model", "model_name", "shortcut", "dataset", "init",
-               "optimizer", "seed", "perturbation")  # fmt: skip
 KEYS = ("epoch", "step", "epoch_end", "reference", "ref_epoch", "ref_step")
 REFERENCES = ("init", "previous")
 
@@ -96,11 +103,12 @@ class Layout:
         numel = np.array([ck.tensors[k].numel() for k in names], dtype=np.int64)
         block, depth = [], []
         for k in names:
-            hits = [(b, d) for d, b in enumerate(ck.blocks) if k.startswith(b + ".")]
-            if len(hits) != 1:
-                raise CheckpointError(f"{ck.path}: parameter {k} lies in blocks {hits}")
-            block.append(hits[0][0])
-            depth.append(hits[0][1])
+            try:
+                b, d = block_of(k, ck.blocks)
+            except BlockError as e:
+                raise CheckpointError(f"{ck.path}: parameter {k} lies in blocks {e.hits}") from None
+            block.append(b)
+            depth.append(d)
         layer = [k.rsplit(".", 1)[0] for k in names]
         regions: list[tuple[np.ndarray, np.ndarray | None]] = []
         pack: list[int] = []
@@ -199,11 +207,13 @@ class _Pass:
         # each slice's segments (bounds within the slice) and their tensors: one for a slice
         # of one tensor, each tensor of a pack
         self.segments = [
-            (np.append([0] if starts is None else starts, hi - lo).astype(np.int64),
-             idx.astype(np.int64))
+            (
+                np.append([0] if starts is None else starts, hi - lo).astype(np.int64),
+                idx.astype(np.int64),
+            )
             for g, lo, hi in slices
             for idx, starts in [layout.regions[g]]
-        ]  # fmt: skip
+        ]
         threads = max(1, min(threads, len(slices)))
         numbered = [(i, *sl) for i, sl in enumerate(slices)]
         self.shares = [numbered[w::threads] for w in range(threads)]
@@ -238,8 +248,22 @@ class _Pass:
             r0 = refs[0][g][lo:hi] if n_refs else c
             r1 = refs[1][g][lo:hi] if n_refs > 1 else r0
             bounds, tensors = self.segments[s]
-            _kernel(c, r0, r1, n_refs, bounds, tensors, self.atol, self.rtol, self.ps, buf,
-                    st.sq, st.sums, st.linf, st.changed)  # fmt: skip
+            _kernel(
+                c,
+                r0,
+                r1,
+                n_refs,
+                bounds,
+                tensors,
+                self.atol,
+                self.rtol,
+                self.ps,
+                buf,
+                st.sq,
+                st.sums,
+                st.linf,
+                st.changed,
+            )
         return st
 
 
@@ -486,33 +510,22 @@ def compare(
     return _table(layout, init, points, ps)
 
 
-def run_distances(
-    checkpoint_dir: Path | str, run_info: dict[str, Any], out: Path | str
-) -> pd.DataFrame:
+def run_distances(checkpoint_dir: Path | str, run: FinishedRun, out: Path | str) -> pd.DataFrame:
     """Measure one run from its checkpoints and write ``distances.parquet``."""
-    hp = run_info["hparams"]
-    m = hp.get("measures", {})
+    m = run.measures
     atol, rtol, ps = m.get("atol", 1e-8), m.get("rtol", 1e-5), m.get("minkowski_p", [])
     exclude = m.get("exclude", [])
     df = compare(
         list_checkpoints(checkpoint_dir), atol=atol, rtol=rtol, minkowski_p=ps, exclude=exclude
     )
-    _insert_run_columns(df, run_info)
-    meta = {"run_id": run_info["run_id"], "atol": atol, "rtol": rtol, "minkowski_p": ps}
+    tables.insert_run_columns(df, run.run_id, run.spec, run.status)
+    meta = {"run_id": run.run_id, "atol": atol, "rtol": rtol, "minkowski_p": ps}
     tables.write_parquet(df, out, {**meta, "exclude": exclude} if exclude else meta)
     return df
 
 
-def _insert_run_columns(df: pd.DataFrame, run_info: dict[str, Any]) -> None:
-    hp = run_info["hparams"]
-    for i, c in enumerate(RUN_COLUMNS):
-        value = run_info["run_id"] if c == "run_id" else hp.get(c, "")
-        df.insert(i, c, pd.Series([value] * len(df), dtype="int64" if c == "seed" else object))
-    df["status"] = run_info.get("status", "completed")
-
-
 def frozen_table(
-    distances: pd.DataFrame, masks: Path | str | None, run_info: dict[str, Any], out: Path | str
+    distances: pd.DataFrame, masks: Path | str | None, run: FinishedRun, out: Path | str
 ) -> pd.DataFrame:
     """``frozen.parquet`` of a run: how much of the network never moved, per tensor, layer,
     block and the whole ``model``.
@@ -527,7 +540,6 @@ def frozen_table(
 
     Block rows cover the tensors their distances rows cover (``measures.exclude`` left out);
     the ``model`` row counts every parameter."""
-    hp = run_info["hparams"]
     d = distances[(distances["reference"] == "init")]
     final = d[d["step"] == d["step"].max()]
     final = final[final["granularity"] != "layer"]
@@ -535,12 +547,16 @@ def frozen_table(
     tensors = rows[rows["granularity"] == "tensor"]
     whole = pd.DataFrame(
         {
-            "granularity": ["model"], "name": ["model"], "block": [""], "depth": [-1],
-            "numel": [tensors["numel"].sum()], "changed": [tensors["changed"].sum()],
+            "granularity": ["model"],
+            "name": ["model"],
+            "block": [""],
+            "depth": [-1],
+            "numel": [tensors["numel"].sum()],
+            "changed": [tensors["changed"].sum()],
             "l2": [np.sqrt((tensors["l2"] ** 2).sum())],
             "norm": [np.sqrt((tensors["norm"] ** 2).sum())],
         }
-    )  # fmt: skip
+    )
     rows = pd.concat([rows, whole], ignore_index=True)
     rows["frac_changed_final"] = rows["changed"] / rows["numel"]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -548,8 +564,6 @@ def frozen_table(
     rows["never_moved"] = np.nan
     rows["never_reached"] = np.nan
     if masks is not None and Path(masks).exists():
-        from safetensors import safe_open
-
         counts = {}
         with safe_open(str(masks), framework="pt") as f:
             for name in tensors["name"]:
@@ -575,8 +589,9 @@ def frozen_table(
     rows["frac_never_moved"] = rows["never_moved"] / rows["numel"]
     rows["frac_never_reached"] = rows["never_reached"] / rows["numel"]
     rows = rows.drop(columns=["changed", "l2", "norm"])
-    _insert_run_columns(rows, run_info)
-    m = hp.get("measures", {})
-    tables.write_parquet(rows, out, {"run_id": run_info["run_id"], "atol": m.get("atol"),
-                                     "rtol": m.get("rtol")})  # fmt: skip
+    tables.insert_run_columns(rows, run.run_id, run.spec, run.status)
+    m = run.measures
+    tables.write_parquet(
+        rows, out, {"run_id": run.run_id, "atol": m.get("atol"), "rtol": m.get("rtol")}
+    )
     return rows

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import catalog
+from .checkpoints import BlockError, block_of
 
 
 class Classifier(nn.Module):
@@ -28,10 +29,12 @@ class Classifier(nn.Module):
         names = self.block_names()
         out: dict[str, tuple[str, int]] = {}
         for key in self.state_dict():
-            hits = [(n, d) for d, n in enumerate(names) if key.startswith(n + ".")]
-            if len(hits) != 1:
-                raise AssertionError(f"{type(self).__name__}: {key} is in blocks {hits}")
-            out[key] = hits[0]
+            try:
+                out[key] = block_of(key, names)
+            except BlockError as e:
+                raise AssertionError(
+                    f"{type(self).__name__}: {key} is in blocks {e.hits}"
+                ) from None
         return out
 
 
@@ -200,7 +203,7 @@ class TorchvisionResNet(Classifier):
 
     def __init__(self, arch: str, in_channels: int, num_classes: int):
         super().__init__()
-        import torchvision
+        import torchvision  # here: seconds to import, for these models only
 
         tv = getattr(torchvision.models, arch)(weights=None)
         if in_channels != 3:
@@ -223,6 +226,7 @@ class TorchvisionResNet(Classifier):
     forward = ResNet.forward
 
 
+# torchvision's VGG configurations, one row each (kept in rows: the `fmt: skip` below)
 _VGG_CFG = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -259,10 +263,14 @@ class VGG(Classifier):
         self.features_stack = nn.Sequential(*units)
         if form == "imagenet":
             self.classifier = nn.Sequential(
-                nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(),
-                nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
+                nn.Linear(512 * 7 * 7, 4096),
+                nn.ReLU(True),
+                nn.Dropout(),
+                nn.Linear(4096, 4096),
+                nn.ReLU(True),
+                nn.Dropout(),
                 nn.Linear(4096, num_classes),
-            )  # fmt: skip
+            )
             self.num_features = 4096
         else:
             self.classifier = nn.Sequential(nn.Linear(512, num_classes))
@@ -292,8 +300,18 @@ class ConvStack(Classifier):
     a residual block is [conv widths[i], ReLU, conv ``width``] + x, then ReLU (seed 004);
     the head is ``flatten`` + linear (seed 004) or global average pool + linear."""
 
-    def __init__(self, residual, in_channels, num_classes, image_size, depth=20, width=16,
-                 inner=None, norm=False, head="flatten"):  # fmt: skip
+    def __init__(
+        self,
+        residual,
+        in_channels,
+        num_classes,
+        image_size,
+        depth=20,
+        width=16,
+        inner=None,
+        norm=False,
+        head="flatten",
+    ):
         super().__init__()
         inner = inner or width
         self.residual, self.head_kind = residual, head

@@ -48,7 +48,10 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import catalog
+from . import catalog, columns
+
+# torch, pandas and the modules built on them are imported inside the functions that need
+# them, not here: the scheduler imports this module (validate_perturbation) torch-free
 
 # name -> option -> (kind, default, help). kind: "bool", "number", "positive", "init",
 # "blocks". A default of REQUIRED means the option must be given.
@@ -229,9 +232,9 @@ def _reinit(state, keys, options, ctx):
             f"{ctx['model_settings'] or {}}) does not match the state_dict: "
             f"{', '.join(diff[:5])}{' …' if len(diff) > 5 else ''}",
         )
-    prefixes = tuple(b + "." for b in options["blocks"])
+    chosen, owner = set(options["blocks"]), model.block_of()
     for k, t in state.items():
-        if k.startswith(prefixes) and (k in keys or options["include_buffers"]):
+        if owner[k][0] in chosen and (k in keys or options["include_buffers"]):
             t.copy_(fresh[k])
     return state
 
@@ -345,8 +348,11 @@ def perturbation_summary(
     keys = list(parameter_keys)
     if not keys:
         raise ValueError("perturbation_summary: no parameter keys")
-    for label, sd in (("original", original), ("perturbed_start", perturbed_start),
-                      ("retrained", retrained)):  # fmt: skip
+    for label, sd in (
+        ("original", original),
+        ("perturbed_start", perturbed_start),
+        ("retrained", retrained),
+    ):
         missing = [k for k in keys if k not in sd]
         if missing:
             raise ValueError(f"perturbation_summary: {label} lacks {', '.join(missing[:5])}")
@@ -397,37 +403,34 @@ def branch_table(source_dir, branch_dir, out) -> Any:
     one ``block`` row per building block with the same distances over that block's
     parameters (``dist_theta1_theta2``, ``rel_dist_theta1_theta2``,
     ``cosine_theta1_theta2``, ``dist_start_theta1``, ``dist_start_theta2``, ``numel``)."""
-    import json
-    from pathlib import Path
-
+    # here, not at the top: the scheduler imports this module (validate_perturbation) and
+    # must stay free of numpy, pandas and torch; and runs imports config, which imports this
     import pandas as pd
 
     from . import tables
     from .checkpoints import read_checkpoint
+    from .measures import compare
+    from .runs import FinishedRun
 
-    source_dir, branch_dir = Path(source_dir), Path(branch_dir)
-    src = json.loads((source_dir / "run.json").read_text())
-    br = json.loads((branch_dir / "run.json").read_text())
-    theta1 = read_checkpoint(source_dir / "checkpoints" / src["checkpoints"][-1])
-    start = read_checkpoint(branch_dir / "checkpoints" / br["checkpoints"][0])
-    theta2 = read_checkpoint(branch_dir / "checkpoints" / br["checkpoints"][-1])
+    src, br = FinishedRun.read(source_dir), FinishedRun.read(branch_dir)
+    theta1 = read_checkpoint(src.final_checkpoint)
+    start = read_checkpoint(br.first_checkpoint)
+    theta2 = read_checkpoint(br.final_checkpoint)
     summary = perturbation_summary(theta1.tensors, start.tensors, theta2.tensors, theta1.parameters)
-    hp = br["hparams"]
+    options = br.spec.perturbation_options
     row = {
-        "run_id": br["run_id"],
-        "source_run": src["run_id"],
-        "perturbation": hp["perturbation"],
-        "perturbation_name": hp["perturbation_options"]["name"],
-        **{k: hp[k] for k in ("study", "model", "dataset", "init", "optimizer", "seed")},
-        "source_seed": src["hparams"]["seed"],
-        "status": br["status"],
-        "accuracy_before": src["result"]["final_test_accuracy"],
-        "accuracy_after": br["result"]["final_test_accuracy"],
-        "best_accuracy_after": br["result"]["best_test_accuracy"],
+        "run_id": br.run_id,
+        "source_run": src.run_id,
+        "perturbation": br.spec.perturbation,
+        "perturbation_name": options["name"],
+        **br.coordinates(columns.BRANCH),
+        "source_seed": src.spec.seed,
+        "status": br.status,
+        "accuracy_before": src.result["final_test_accuracy"],
+        "accuracy_after": br.result["final_test_accuracy"],
+        "best_accuracy_after": br.result["best_test_accuracy"],
         **summary,
     }
-    from .measures import compare
-
     d = compare([theta1, start, theta2])
     d = d[d["granularity"] == "block"]
     vs1 = d[d["reference"] == "init"]
@@ -446,12 +449,19 @@ def branch_table(source_dir, branch_dir, out) -> Any:
             "dist_start_theta2": moved.loc[at_end.index, "l2"].to_numpy(),
         }
     )
-    ids = ["run_id", "source_run", "perturbation", "perturbation_name", "study", "model",
-           "dataset", "init", "optimizer", "seed", "source_seed", "status"]  # fmt: skip
+    ids = [
+        "run_id",
+        "source_run",
+        "perturbation",
+        "perturbation_name",
+        *columns.BRANCH,
+        "source_seed",
+        "status",
+    ]
     for i, k in enumerate(ids):
         blocks.insert(i, k, row[k])
     blocks.insert(len(ids), "granularity", "block")
     model_row = pd.DataFrame([{**row, "granularity": "model", "block": "", "depth": -1}])
     df = pd.concat([model_row, blocks], ignore_index=True)
-    tables.write_parquet(df, out, {"options": hp["perturbation_options"]})
+    tables.write_parquet(df, out, {"options": options})
     return df

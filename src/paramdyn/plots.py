@@ -18,7 +18,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from . import tables  # noqa: E402
+from . import atomic, tables  # noqa: E402
+from .columns import RUN as GRID_COLUMNS  # noqa: E402
 
 METRIC_LABELS = {
     "l1": "L1 distance (sum |Δθ|)",
@@ -36,10 +37,9 @@ MAX_COLUMNS = 6
 def _save(fig, out: Path | str) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(out)
+    with atomic.replacing(out, keep_suffix=True) as tmp:  # matplotlib reads the suffix
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+        plt.close(fig)
 
 
 def _empty(out: Path | str, text: str):
@@ -132,10 +132,14 @@ def _legend_below(fig, legend, groups=()) -> matplotlib.legend.Legend:
     legend.remove()
     left, right, bottom = _axes_span(fig)
     return fig.legend(
-        [h for h, _ in entries], [lab for _, lab in entries], loc="upper center",
-        bbox_to_anchor=((left + right) / 2, bottom - 0.02), ncol=min(len(columns), 4),
-        frameon=False, title=title or None,
-    )  # fmt: skip
+        [h for h, _ in entries],
+        [lab for _, lab in entries],
+        loc="upper center",
+        bbox_to_anchor=((left + right) / 2, bottom - 0.02),
+        ncol=min(len(columns), 4),
+        frameon=False,
+        title=title or None,
+    )
 
 
 def _finish_grid(g, title: str, groups=()) -> None:
@@ -164,19 +168,32 @@ def distance_vs_depth(distances: Path | str, out: Path | str, reference: str, me
     height, aspect = _panel_size(df["setting"].nunique() * df["checkpoint"].nunique())
     sns.set_theme(style="whitegrid", context="paper")
     g = sns.relplot(
-        data=df, x="depth", y=metric, hue="model", style="shortcut", col="checkpoint",
-        row=row, kind="line", errorbar=("ci", 95), marker="o", markersize=3,
-        height=height, aspect=aspect, facet_kws={"sharey": "row", "margin_titles": True},
-    )  # fmt: skip
+        data=df,
+        x="depth",
+        y=metric,
+        hue="model",
+        style="shortcut",
+        col="checkpoint",
+        row=row,
+        kind="line",
+        errorbar=("ci", 95),
+        marker="o",
+        markersize=3,
+        height=height,
+        aspect=aspect,
+        facet_kws={"sharey": "row", "margin_titles": True},
+    )
     positive = (df[metric] > 0).all()
     if positive and df[metric].max() / max(df[metric].min(), 1e-300) > 100:
         g.set(yscale="log")
     g.set_axis_labels("depth (0 = stem, input side)", METRIC_LABELS.get(metric, metric))
     g.set_titles(row_template="{row_name}", col_template="{col_name}")
     _finish_grid(
-        g, f"{METRIC_LABELS.get(metric, metric)} per block, against {reference} weights"
-        f"{', ' + constant if constant else ''} (band: 95% CI over seeds)", ("model", "shortcut"),
-    )  # fmt: skip
+        g,
+        f"{METRIC_LABELS.get(metric, metric)} per block, against {reference} weights"
+        f"{', ' + constant if constant else ''} (band: 95% CI over seeds)",
+        ("model", "shortcut"),
+    )
     _save(g.figure, out)
     return g.figure
 
@@ -191,10 +208,18 @@ def history_curves(history: Path | str, out: Path | str, measure: str):
     height, aspect = _panel_size(panels)
     sns.set_theme(style="whitegrid", context="paper")
     g = sns.relplot(
-        data=df, x="epoch", y=measure, hue="model", style="split",
-        col="setting" if panels > 1 else None, col_wrap=min(4, panels) if panels > 1 else None,
-        kind="line", errorbar=("ci", 95), height=height, aspect=aspect,
-    )  # fmt: skip
+        data=df,
+        x="epoch",
+        y=measure,
+        hue="model",
+        style="split",
+        col="setting" if panels > 1 else None,
+        col_wrap=min(4, panels) if panels > 1 else None,
+        kind="line",
+        errorbar=("ci", 95),
+        height=height,
+        aspect=aspect,
+    )
     if measure == "loss" and (df[measure] > 0).all():
         g.set(yscale="log")
     if measure == "accuracy":
@@ -255,11 +280,19 @@ def cka_heatmap(similarity, out: Path | str, measure: str = "cka_linear") -> Non
     side = 0.55 * len(runs)
     fig, ax = plt.subplots(figsize=(max(4.5, side + 2.5), max(3.5, side + 1.5)))
     sns.heatmap(
-        pd.DataFrame(m, index=short, columns=short), ax=ax, vmin=vmin, vmax=vmax, square=True,
+        pd.DataFrame(m, index=short, columns=short),
+        ax=ax,
+        vmin=vmin,
+        vmax=vmax,
+        square=True,
         cmap="viridis_r" if measure == "procrustes" else "viridis",
-        annot=len(runs) <= ANNOTATE_MAX, fmt=".2f", annot_kws={"size": 7},
-        cbar_kws={"label": label}, linewidths=0.5, linecolor="white",
-    )  # fmt: skip
+        annot=len(runs) <= ANNOTATE_MAX,
+        fmt=".2f",
+        annot_kws={"size": 7},
+        cbar_kws={"label": label},
+        linewidths=0.5,
+        linecolor="white",
+    )
     ax.set_xlabel("")
     ax.set_ylabel("")
     ax.tick_params(axis="x", labelrotation=90, labelsize=7)
@@ -272,6 +305,7 @@ def cka_heatmap(similarity, out: Path | str, measure: str = "cka_linear") -> Non
 def _cluster_order(corr: np.ndarray) -> np.ndarray:
     """Units ordered for display: average-linkage clustering on 1 - |corr| (leaf order),
     units with undefined correlation (constant: NaN rows) last."""
+    # scipy here, not at the top: seconds to import, for two figures only
     from scipy.cluster.hierarchy import leaves_list, linkage
     from scipy.spatial.distance import squareform
 
@@ -293,13 +327,20 @@ def correlation_heatmap(X, out: Path | str, title: str, Y=None) -> None:
     correlations, X's units in X's cluster order and each X unit's matched Y unit
     (``features.matched_correlation``) in the same position, so matched pairs lie on the
     diagonal; Y's unmatched units follow."""
-    from . import features
+    # here, not at the top: only this figure needs the feature measures, so an edit of
+    # features.py redraws it alone (each rule's code hash follows what its job runs)
+    from .features import (
+        correlation_matrix,
+        correlation_summary,
+        cross_correlation,
+        matched_correlation,
+    )
 
-    within = features.correlation_matrix(X)
+    within = correlation_matrix(X)
     order_x = _cluster_order(within)
     if Y is None:
         corr = within[np.ix_(order_x, order_x)]
-        s = features.correlation_summary(X) if (~np.isnan(np.diag(within))).sum() >= 2 else None
+        s = correlation_summary(X) if (~np.isnan(np.diag(within))).sum() >= 2 else None
         note = (
             f"mean |r| off-diagonal {s['mean_abs_offdiag']:.3f}, effective rank "
             f"{s['effective_rank']:.1f} of {s['units']}, {s['constant_units']} constant units"
@@ -308,8 +349,8 @@ def correlation_heatmap(X, out: Path | str, title: str, Y=None) -> None:
         )
         xlabel = ylabel = "unit (clustered order)"
     else:
-        cross = features.cross_correlation(X, Y)
-        mean, _, assignment = features.matched_correlation(X, Y)
+        cross = cross_correlation(X, Y)
+        mean, _, assignment = matched_correlation(X, Y)
         matched = [int(assignment[i]) for i in order_x if assignment[i] >= 0]
         rest = [j for j in range(cross.shape[1]) if j not in set(matched)]
         rows = [i for i in order_x if assignment[i] >= 0] + [
@@ -321,9 +362,17 @@ def correlation_heatmap(X, out: Path | str, title: str, Y=None) -> None:
     size = min(9.0, 3.0 + 0.04 * max(corr.shape))
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     sns.heatmap(
-        corr, ax=ax, vmin=-1.0, vmax=1.0, center=0.0, cmap="vlag", square=corr.shape[0] == corr.shape[1],
-        xticklabels=False, yticklabels=False, cbar_kws={"label": "Pearson r"},
-    )  # fmt: skip
+        corr,
+        ax=ax,
+        vmin=-1.0,
+        vmax=1.0,
+        center=0.0,
+        cmap="vlag",
+        square=corr.shape[0] == corr.shape[1],
+        xticklabels=False,
+        yticklabels=False,
+        cbar_kws={"label": "Pearson r"},
+    )
     ax.set_facecolor("0.75")  # NaN cells: constant units, correlation undefined
     if np.isnan(corr).any():
         note += "; grey: constant units"
@@ -363,8 +412,9 @@ def perturbation_bars(perturbations, out: Path | str):
     sns.set_theme(style="whitegrid", context="paper")
     width = max(7.5, 1.3 * len(order) + 4.5)
     fig = plt.figure(figsize=(width, 3.0 * len(settings) + 0.6), layout="constrained")
-    for sub_fig, setting in zip(np.atleast_1d(fig.subfigures(len(settings), 1)), settings,
-                                strict=True):  # fmt: skip
+    for sub_fig, setting in zip(
+        np.atleast_1d(fig.subfigures(len(settings), 1)), settings, strict=True
+    ):
         sub = df[df["setting"] == setting]
         if setting:
             sub_fig.suptitle(_wrap(setting, int(width * 12)), fontsize=9, fontweight="bold")
@@ -373,8 +423,9 @@ def perturbation_bars(perturbations, out: Path | str):
     for ax in fig.axes:
         if ax.get_legend() is not None:
             ax.get_legend().remove()
-    fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False,
-               title="test accuracy")  # fmt: skip
+    fig.legend(
+        handles, labels, loc="outside lower center", ncol=2, frameon=False, title="test accuracy"
+    )
     fig.suptitle("perturb and retrain (bars: mean; whiskers: 95% CI over seeds)")
     _save(fig, out)
     return fig
@@ -382,21 +433,39 @@ def perturbation_bars(perturbations, out: Path | str):
 
 def _perturbation_row(axes, sub: pd.DataFrame, order: list[str]) -> None:
     ax_d, ax_a = axes
-    sns.barplot(data=sub, x="perturbation", y="rel_dist_theta1_theta2", order=order,
-                errorbar=("ci", 95), ax=ax_d, color="C0")  # fmt: skip
+    sns.barplot(
+        data=sub,
+        x="perturbation",
+        y="rel_dist_theta1_theta2",
+        order=order,
+        errorbar=("ci", 95),
+        ax=ax_d,
+        color="C0",
+    )
     values = sub["rel_dist_theta1_theta2"]
     if (values > 0).all() and values.max() / values.min() > 100:
         ax_d.set_yscale("log")
     ax_d.set_ylabel("‖θ1 - θ2‖ / ‖θ1‖")
     ax_d.set_title("retrained vs original weights", fontsize=9)
-    acc = sub.melt(id_vars=["perturbation"], value_vars=["accuracy_before", "accuracy_after"],
-                   var_name="when", value_name="accuracy")  # fmt: skip
+    acc = sub.melt(
+        id_vars=["perturbation"],
+        value_vars=["accuracy_before", "accuracy_after"],
+        var_name="when",
+        value_name="accuracy",
+    )
     acc["when"] = acc["when"].map(
         {"accuracy_before": "before perturbation", "accuracy_after": "after retraining"}
     )
-    sns.barplot(data=acc, x="perturbation", y="accuracy", hue="when", order=order,
-                hue_order=["before perturbation", "after retraining"], errorbar=("ci", 95),
-                ax=ax_a)  # fmt: skip
+    sns.barplot(
+        data=acc,
+        x="perturbation",
+        y="accuracy",
+        hue="when",
+        order=order,
+        hue_order=["before perturbation", "after retraining"],
+        errorbar=("ci", 95),
+        ax=ax_a,
+    )
     ax_a.set_ylim(0.0, 1.0)
     ax_a.set_ylabel("test accuracy")
     ax_a.set_title("test accuracy", fontsize=9)
@@ -435,11 +504,21 @@ def gradient_vs_depth(gradients, out: Path | str, vanish: float, explode: float)
     height, aspect = _panel_size(df["setting"].nunique() * df["checkpoint"].nunique())
     sns.set_theme(style="whitegrid", context="paper")
     g = sns.relplot(
-        data=df, x="depth", y="grad_rms", hue="model", style="shortcut", col="checkpoint",
-        row="setting" if setting is not None else None, kind="line", errorbar=("ci", 95),
-        marker="o", markersize=3, height=height, aspect=aspect,
+        data=df,
+        x="depth",
+        y="grad_rms",
+        hue="model",
+        style="shortcut",
+        col="checkpoint",
+        row="setting" if setting is not None else None,
+        kind="line",
+        errorbar=("ci", 95),
+        marker="o",
+        markersize=3,
+        height=height,
+        aspect=aspect,
         facet_kws={"margin_titles": True},
-    )  # fmt: skip
+    )
     g.set(yscale="log")
     for ax in g.axes.flat:
         ax.axhline(vanish, ls=":", c="grey")
@@ -447,10 +526,12 @@ def gradient_vs_depth(gradients, out: Path | str, vanish: float, explode: float)
     g.set_axis_labels("depth (0 = input side)", "gradient RMS (‖g‖ / √numel)")
     g.set_titles(row_template="{row_name}", col_template="{col_name}")
     _finish_grid(
-        g, f"gradient magnitude per block{', ' + constant if constant else ''}; flagged "
+        g,
+        f"gradient magnitude per block{', ' + constant if constant else ''}; flagged "
         f"block-steps: {n_van} vanishing (< {vanish:g}), {n_exp} exploding (> {explode:g} "
-        "or NaN/Inf)", ("model", "shortcut"),
-    )  # fmt: skip
+        "or NaN/Inf)",
+        ("model", "shortcut"),
+    )
     _save(g.figure, out)
     return g.figure
 
@@ -476,17 +557,27 @@ def distance_average(distances, out: Path | str, metric: str):
     height, aspect = _panel_size(df["reference"].nunique())
     sns.set_theme(style="whitegrid", context="paper")
     g = sns.relplot(
-        data=df, x="relative depth", y="relative distance", hue="shortcut", col="reference",
-        kind="line", errorbar=("ci", 95), marker="o", height=height, aspect=aspect,
-    )  # fmt: skip
+        data=df,
+        x="relative depth",
+        y="relative distance",
+        hue="shortcut",
+        col="reference",
+        kind="line",
+        errorbar=("ci", 95),
+        marker="o",
+        height=height,
+        aspect=aspect,
+    )
     g.set_titles("against {col_name}")
     g.set_axis_labels("relative depth (0 = stem, 1 = classifier)", "distance / run's mean")
     models, datasets = df["model"].nunique(), df["dataset"].nunique()
     _finish_grid(
-        g, f"{METRIC_LABELS.get(metric, metric)} relative to each run's mean over blocks, "
+        g,
+        f"{METRIC_LABELS.get(metric, metric)} relative to each run's mean over blocks, "
         f"averaged over {models} model{'s' * (models > 1)} and {datasets} "
-        f"dataset{'s' * (datasets > 1)} (band: 95% CI over runs)", ("shortcut",),
-    )  # fmt: skip
+        f"dataset{'s' * (datasets > 1)} (band: 95% CI over runs)",
+        ("shortcut",),
+    )
     _save(g.figure, out)
     return g.figure
 
@@ -503,8 +594,9 @@ def frozen_shares(frozen, out: Path | str):
     long = df.melt(
         id_vars=["model", "dataset", "optimizer", "init", "seed"],
         value_vars=["frac_changed_final", "frac_never_moved", "frac_never_reached"],
-        var_name="share", value_name="value",
-    )  # fmt: skip
+        var_name="share",
+        value_name="value",
+    )
     long["share"] = long["share"].map(
         {
             "frac_changed_final": "changed (tolerance)",
@@ -518,10 +610,17 @@ def frozen_shares(frozen, out: Path | str):
     height, aspect = _panel_size(panels)
     sns.set_theme(style="whitegrid", context="paper")
     g = sns.catplot(
-        data=long, x="model", y="value", hue="share", col="panel" if panels > 1 else None,
-        col_wrap=min(3, panels) if panels > 1 else None, kind="bar", errorbar=("ci", 95),
-        height=height, aspect=max(aspect, 0.3 * long["model"].nunique()),
-    )  # fmt: skip
+        data=long,
+        x="model",
+        y="value",
+        hue="share",
+        col="panel" if panels > 1 else None,
+        col_wrap=min(3, panels) if panels > 1 else None,
+        kind="bar",
+        errorbar=("ci", 95),
+        height=height,
+        aspect=max(aspect, 0.3 * long["model"].nunique()),
+    )
     g.set(ylim=(0, 1.02))
     g.set_axis_labels("", "share of parameters")
     g.set_titles("{col_name}" if panels > 1 else "")
@@ -543,8 +642,7 @@ def change_by_setting(distances, out: Path | str):
     # against the previous checkpoint: the previous epoch end when the study saves no
     # mid-epoch checkpoints (as seed 002: every 5 epochs)
     df["l2sq"], df["refsq"] = df["l2"] ** 2, df["ref_norm"] ** 2
-    keys = ["run_id", "model", "dataset", "init", "optimizer", "seed", "epoch", "step",
-            "reference"]  # fmt: skip
+    keys = ["run_id", "model", "dataset", "init", "optimizer", "seed", "epoch", "step", "reference"]
     whole = df.groupby(keys, as_index=False)[["l2sq", "refsq"]].sum()
     whole = whole[whole["reference"] == "previous"]
     if whole.empty:
@@ -554,18 +652,30 @@ def change_by_setting(distances, out: Path | str):
     height, aspect = _panel_size(whole["model"].nunique() * whole["dataset"].nunique())
     sns.set_theme(style="whitegrid", context="paper")
     g = sns.relplot(
-        data=whole, x="epoch", y="relative change", hue="init", style="optimizer",
-        col="model", row=rows, kind="line", errorbar=("ci", 95), marker="o",
-        height=height, aspect=aspect, facet_kws={"margin_titles": True, "sharey": False},
-    )  # fmt: skip
+        data=whole,
+        x="epoch",
+        y="relative change",
+        hue="init",
+        style="optimizer",
+        col="model",
+        row=rows,
+        kind="line",
+        errorbar=("ci", 95),
+        marker="o",
+        height=height,
+        aspect=aspect,
+        facet_kws={"margin_titles": True, "sharey": False},
+    )
     g.set_titles(row_template="{row_name}", col_template="{col_name}")
     for ax in g.axes.flat:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     suffix = "" if rows else f", {whole['dataset'].iloc[0]}"
     _finish_grid(
-        g, "relative change of all parameters since the previous checkpoint"
-        f"{suffix} (band: 95% CI over seeds)", ("init", "optimizer"),
-    )  # fmt: skip
+        g,
+        "relative change of all parameters since the previous checkpoint"
+        f"{suffix} (band: 95% CI over seeds)",
+        ("init", "optimizer"),
+    )
     _save(g.figure, out)
     return g.figure
 
@@ -574,8 +684,19 @@ def change_by_setting(distances, out: Path | str):
 
 SHORTCUT_ORDER = ("plain", "residual", "none")
 STEP_CMAP = matplotlib.colors.ListedColormap(plt.get_cmap("viridis")(np.linspace(0.0, 0.9, 256)))
-STEP_KEYS = ["reference", "dataset", "optimizer", "init", "family", "shortcut", "model",
-             "blocks", "depth", "position", "step"]  # fmt: skip
+STEP_KEYS = [
+    "reference",
+    "dataset",
+    "optimizer",
+    "init",
+    "family",
+    "shortcut",
+    "model",
+    "blocks",
+    "depth",
+    "position",
+    "step",
+]
 
 
 def _natural(text: str) -> list:
@@ -592,10 +713,10 @@ def _family(model: str, shortcut: str) -> str:
 def _block_rows(path: Path | str, metric: str) -> pd.DataFrame:
     """The block rows of a distances table, only the columns the step figure needs (the
     table's tensor and layer rows can be millions with a checkpoint every step)."""
-    columns = ["run_id", "model", "shortcut", "dataset", "init", "optimizer", "seed",
-               "perturbation", "granularity", "depth", "reference", "step", "ref_step", metric]  # fmt: skip
+    grid = [c for c in GRID_COLUMNS if c not in ("study", "model_name")]
+    wanted = [*grid, "granularity", "depth", "reference", "step", "ref_step", metric]
     try:
-        table = pq.read_table(path, columns=columns, filters=[("granularity", "==", "block")])
+        table = pq.read_table(path, columns=wanted, filters=[("granularity", "==", "block")])
     except (pa.ArrowException, OSError) as e:
         raise tables.TableError(
             f"{path}: unreadable Parquet file ({e}); delete it to rebuild"
@@ -611,7 +732,7 @@ def distance_step_frame(distances, metric: str) -> pd.DataFrame:
     per step: the distance divided by the steps between the two checkpoints (1 when every
     step is checkpointed). ``position``: 0 = first block after the stem, 1 = last block
     before the classifier; ``blocks``: the model's number of building blocks."""
-    from scipy import stats
+    from scipy import stats  # here, not at the top: seconds to import, for one figure
 
     df = distances if isinstance(distances, pd.DataFrame) else _block_rows(distances, metric)
     df = df[df["granularity"] == "block"].reset_index(drop=True)
@@ -645,8 +766,10 @@ def _step_facets(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[str]]:
     first = df.groupby("row")["blocks"].max()
     rows = sorted(first.index, key=lambda r: (first[r], _natural(r)))
     rank = {s: i for i, s in enumerate(SHORTCUT_ORDER)}
-    cols = sorted(df["col"].unique(), key=lambda c: (c.rsplit(": ", 1)[0] if many else "",
-                                                     rank.get(c.rsplit(": ", 1)[-1], 9)))  # fmt: skip
+    cols = sorted(
+        df["col"].unique(),
+        key=lambda c: (c.rsplit(": ", 1)[0] if many else "", rank.get(c.rsplit(": ", 1)[-1], 9)),
+    )
     return df, rows, cols
 
 
@@ -656,8 +779,14 @@ def _step_panel(ax, sub: pd.DataFrame) -> None:
     for (_, position), line in sub.groupby(["depth", "position"], sort=True):
         colour = STEP_CMAP(position)
         if line["low"].notna().any():
-            ax.fill_between(line["step"], line["low"].clip(lower=0), line["high"], color=colour,
-                            alpha=0.12, linewidth=0)  # fmt: skip
+            ax.fill_between(
+                line["step"],
+                line["low"].clip(lower=0),
+                line["high"],
+                color=colour,
+                alpha=0.12,
+                linewidth=0,
+            )
         ax.plot(line["step"], line["mean"], color=colour, linewidth=0.9)
 
 
@@ -667,9 +796,13 @@ def _step_colorbar(fig, axes, blocks: list[int], columns: int) -> None:
     single = len(blocks) == 1 and blocks[0] > 1
     norm = matplotlib.colors.Normalize(1, blocks[0]) if single else None
     bar = fig.colorbar(
-        matplotlib.cm.ScalarMappable(norm=norm, cmap=STEP_CMAP), ax=axes, location="bottom",
-        shrink=min(0.5, 0.25 * columns + 0.3), aspect=35 + 5 * columns, pad=0.02,
-    )  # fmt: skip
+        matplotlib.cm.ScalarMappable(norm=norm, cmap=STEP_CMAP),
+        ax=axes,
+        location="bottom",
+        shrink=min(0.5, 0.25 * columns + 0.3),
+        aspect=35 + 5 * columns,
+        pad=0.02,
+    )
     if single:
         bar.ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         bar.set_label("block depth (1 = first block after the stem; stem and classifier left out)")
@@ -694,9 +827,14 @@ def distance_vs_step(distances, out: Path | str, reference: str, metric: str):
     width, height = (3.6, 2.7) if few else (2.6, 1.9)
     sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(
-        len(rows), len(cols), figsize=(width * len(cols) + 0.8, height * len(rows) + 1.4),
-        sharex=True, sharey="row", squeeze=False, layout="constrained",
-    )  # fmt: skip
+        len(rows),
+        len(cols),
+        figsize=(width * len(cols) + 0.8, height * len(rows) + 1.4),
+        sharex=True,
+        sharey="row",
+        squeeze=False,
+        layout="constrained",
+    )
     for (i, row), (j, col) in itertools.product(enumerate(rows), enumerate(cols)):
         ax, sub = axes[i, j], df[(df["row"] == row) & (df["col"] == col)]
         _step_panel(ax, sub)
@@ -706,9 +844,15 @@ def distance_vs_step(distances, out: Path | str, reference: str, metric: str):
             ax.set_title(col, fontsize=9)
         if j == len(cols) - 1:  # the row's name in the right margin, as seaborn's
             blocks = int(df.loc[df["row"] == row, "blocks"].max())
-            ax.annotate(f"{_wrap(row, int(height * 9))}\n({blocks} blocks)", (1.03, 0.5),
-                        xycoords="axes fraction", rotation=270, ha="left", va="center",
-                        fontsize=8)  # fmt: skip
+            ax.annotate(
+                f"{_wrap(row, int(height * 9))}\n({blocks} blocks)",
+                (1.03, 0.5),
+                xycoords="axes fraction",
+                rotation=270,
+                ha="left",
+                va="center",
+                fontsize=8,
+            )
         if i == len(rows) - 1:
             ax.set_xlabel("training step")
     positive = (df["mean"] > 0).all()

@@ -1,7 +1,7 @@
 """Resuming and publishing a run: its work directory, its training state and snapshots of it.
 
 A run trains in a work directory outside the rule's declared outputs
-(``results/.work/<study>/<run_id>``), keyed by :func:`run_key` (its hyper-parameters and the
+(:func:`paramdyn.paths.work_dir`), keyed by :func:`run_key` (its hyper-parameters and the
 code that trains it): a directory made under another key is discarded.
 
 - :class:`TrainState` is everything needed to continue exactly (model, optimizer, learning
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from . import __version__, checkpoints
+from . import __version__, atomic, checkpoints, paths
 from .config import RunSpec
 from .gradients import GradientRecorder
 
@@ -152,7 +152,7 @@ class WorkDir:
 
     def __init__(self, path: Path | str, key: str):
         self.path, self.key = Path(path), key
-        self.checkpoints = self.path / "checkpoints"
+        self.checkpoints = self.path / paths.CHECKPOINTS
         self.snapshot = self.path / SNAPSHOT
 
     def open(self) -> bool:
@@ -162,7 +162,7 @@ class WorkDir:
         if self.path.exists() and (not key_file.exists() or key_file.read_text() != self.key):
             log.info("discarding %s: made for other hyper-parameters or code", self.path)
             shutil.rmtree(self.path)
-        if (self.path / "run.json").exists():
+        if (self.path / paths.RUN_JSON).exists():
             return True
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         key_file.write_text(self.key)
@@ -180,29 +180,24 @@ class WorkDir:
 
     def finish(self, info: dict[str, Any], run_dir: Path) -> None:
         """Write run.json (the mark of a finished run), drop the snapshot, publish."""
-        tmp = self.path / "run.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
-        os.replace(tmp, self.path / "run.json")
+        atomic.write_text(self.path / paths.RUN_JSON, json.dumps(info, indent=2, sort_keys=True))
         self.snapshot.unlink(missing_ok=True)  # the finished run needs no snapshot
         self.publish(run_dir)
 
     def publish(self, run_dir: Path) -> None:
         """Hard-link (or copy, across file systems) the finished run into its run directory."""
         work = self.path
-        out = run_dir / "checkpoints"
+        out = run_dir / paths.CHECKPOINTS
         out.mkdir(parents=True, exist_ok=True)
         names = [(p, out / p.name) for p in self.checkpoints.iterdir()]
-        extra = [
-            n for n in ("gradients.parquet", "grad_reached.safetensors") if (work / n).exists()
-        ]
-        if not (work / "grad_reached.safetensors").exists():  # none from an earlier training
-            (run_dir / "grad_reached.safetensors").unlink(missing_ok=True)
-        names += [(work / n, run_dir / n) for n in (*extra, "history.parquet", "run.json")]
+        extra = [n for n in ("gradients.parquet", paths.GRAD_REACHED) if (work / n).exists()]
+        if not (work / paths.GRAD_REACHED).exists():  # none from an earlier training
+            (run_dir / paths.GRAD_REACHED).unlink(missing_ok=True)
+        names += [(work / n, run_dir / n) for n in (*extra, "history.parquet", paths.RUN_JSON)]
         for src, dst in names:
-            tmp = dst.with_name(dst.name + ".tmp")
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copy2(src, tmp)
-            os.replace(tmp, dst)
+            with atomic.replacing(dst) as tmp:
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    shutil.copy2(src, tmp)

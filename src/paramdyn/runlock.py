@@ -3,6 +3,8 @@
     python -m paramdyn.runlock -- SNAKEMAKE [ARGS ...]
     paramdyn snakemake [ARGS ...]             (the same, with this environment's snakemake)
 
+(SNAKEMAKE: ``snakemake``, a path to it, or ``python -m snakemake``.)
+
 Snakemake marks the files a run uses in ``<workdir>/.snakemake/locks/`` and removes the
 marks when it exits; a run killed with SIGKILL (a killed ``make demo``, a preempted node, a
 power cut) leaves them behind, and the next run stops with "the remaining lock was likely
@@ -63,6 +65,15 @@ def _options() -> argparse.ArgumentParser:
     return p
 
 
+def split_program(command: list[str]) -> tuple[list[str], list[str]]:
+    """The program (``snakemake``, ``/path/snakemake``, ``python -m snakemake``) and
+    Snakemake's arguments."""
+    for i, word in enumerate(command[:3]):
+        if Path(word).name == "snakemake":
+            return command[: i + 1], command[i + 1 :]
+    return command[:1], command[1:]
+
+
 def workdir_of(args: list[str]) -> Path:
     """The working directory of a Snakemake command's arguments (without the program)."""
     known, _ = _options().parse_known_args(args)
@@ -71,8 +82,9 @@ def workdir_of(args: list[str]) -> Path:
 
 def unlock_command(command: list[str]) -> list[str]:
     """``snakemake --unlock`` for the same workflow, directory, config and profile."""
-    known, _ = _options().parse_known_args(command[1:])
-    out = [command[0]]
+    program, args = split_program(command)
+    known, _ = _options().parse_known_args(args)
+    out = list(program)
     for flag, value in (
         ("--snakefile", known.snakefile),
         ("--directory", known.directory),
@@ -159,7 +171,7 @@ def say(message: str) -> None:
 def prepare(command: list[str]) -> int:
     """Take the lock and clear a dead run's Snakemake locks; the lock's descriptor.
     Raises :class:`Busy`, or ``subprocess.CalledProcessError`` when the unlock fails."""
-    workdir = workdir_of(command[1:])
+    workdir = workdir_of(split_program(command)[1])
     fd = acquire(workdir, command)
     stale = snakemake_locks(workdir)
     if stale:

@@ -4,13 +4,15 @@ the per-study aggregation of per-run tables."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from . import atomic, columns
+from .config import RunSpec
 
 META_KEY = b"paramdyn"
 
@@ -27,9 +29,17 @@ def write_parquet(df: pd.DataFrame, path: Path | str, metadata: dict[str, Any] |
     meta = dict(table.schema.metadata or {})
     meta[META_KEY] = json.dumps(metadata or {}, sort_keys=True).encode()
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def insert_run_columns(df: pd.DataFrame, run_id: str, spec: RunSpec, status: str) -> None:
+    """Prefix a run's table with its grid coordinates (:data:`columns.RUN`, from its
+    RunSpec) and suffix it with the run's ``status``, in place."""
+    for i, c in enumerate(columns.RUN):
+        value = run_id if c == "run_id" else getattr(spec, c)
+        df.insert(i, c, pd.Series([value] * len(df), dtype="int64" if c == "seed" else object))
+    df["status"] = status
 
 
 def read_parquet(path: Path | str) -> pd.DataFrame:
@@ -70,16 +80,13 @@ def aggregate(
     return df
 
 
-GRID = ["model", "dataset", "init", "optimizer", "perturbation"]
-
-
 def accuracy_table(history: Path | str, out_parquet: Path | str, out_markdown: Path | str):
     """Best and final test accuracy per grid setting (the epoch of the best too), mean and
     spread over seeds, as Parquet and Markdown. Both are reported because a final number
     alone hides overfitting (seed 004 reported only its final, overfit CIFAR-10 accuracy)."""
     h = read_parquet(history)
     test = h[h["split"] == "test"].copy()
-    for c in GRID:
+    for c in columns.ACCURACY:
         if c not in test.columns:
             test[c] = ""
     per_run = []
@@ -88,7 +95,7 @@ def accuracy_table(history: Path | str, out_parquet: Path | str, out_markdown: P
         best = g.loc[g["accuracy"].idxmax()] if g["accuracy"].notna().any() else g.iloc[-1]
         per_run.append(
             {
-                **{c: g[c].iloc[0] for c in GRID},
+                **{c: g[c].iloc[0] for c in columns.ACCURACY},
                 "run_id": run_id,
                 "final": g["accuracy"].iloc[-1],
                 "best": best["accuracy"],
@@ -98,7 +105,7 @@ def accuracy_table(history: Path | str, out_parquet: Path | str, out_markdown: P
         )
     runs = pd.DataFrame(per_run)
     df = (
-        runs.groupby(GRID, sort=False, dropna=False)
+        runs.groupby(list(columns.ACCURACY), sort=False, dropna=False)
         .agg(
             seeds=("run_id", "count"),
             final_mean=("final", "mean"),
@@ -126,8 +133,6 @@ def accuracy_table(history: Path | str, out_parquet: Path | str, out_markdown: P
             f"{r.seeds} | {pm(r.final_mean, r.final_std)} | {pm(r.best_mean, r.best_std)} | "
             f"{r.best_epoch_mean:.1f} | {r.diverged} |"
         )
-    out_markdown = Path(out_markdown)
-    tmp = out_markdown.with_name(out_markdown.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n\nMean ± sample standard deviation over seeds.\n")
-    os.replace(tmp, out_markdown)
+    text = "\n".join(lines) + "\n\nMean ± sample standard deviation over seeds.\n"
+    atomic.write_text(out_markdown, text)
     return df

@@ -24,7 +24,6 @@ Reliability (the work directory and snapshots: :mod:`paramdyn.resume`):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -39,18 +38,21 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import catalog, checkpoints, tables
+from . import catalog, checkpoints, paths, tables
 from .config import RunSpec
 from .data import DeviceData
+from .devices import resolve_device
 from .gradients import GradientRecorder
 from .inits import initialise
 from .models import build_model
 from .perturb import perturb_checkpoint
 from .resume import Progress, TrainState, WorkDir, run_key
+from .runs import read_info
 
 log = logging.getLogger("paramdyn.train")
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+# catalog.OPTIMIZERS name -> the function that builds it
+OPTIMIZER_BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": lambda params, lr, momentum, weight_decay, nesterov, **kw: torch.optim.SGD(
         params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, **kw
     ),
@@ -69,27 +71,19 @@ def make_optimizer(name: str, params, settings: dict[str, Any]) -> torch.optim.O
     default implementation."""
     params = list(params)
     try:
-        return OPTIMIZERS[name](params, **settings, fused=True)
+        return OPTIMIZER_BUILDERS[name](params, **settings, fused=True)
     except (RuntimeError, ValueError, TypeError):
-        return OPTIMIZERS[name](params, **settings)
+        return OPTIMIZER_BUILDERS[name](params, **settings)
 
 
-# step -> multiplier of the base learning rate, given the total number of steps
-SCHEDULES: dict[str, Callable[[int, int], float]] = {
+# catalog.SCHEDULES name -> (step, total steps) -> multiplier of the base learning rate
+SCHEDULE_BUILDERS: dict[str, Callable[[int, int], float]] = {
     "constant": lambda step, total: 1.0,
     "cosine": lambda step, total: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)),
     "step": lambda step, total: 0.1 ** ((step >= total // 2) + (step >= (3 * total) // 4)),
 }
 
 DIVERGENCE_CHECK_STEPS = 10  # a non-finite loss is looked for every N steps (one sync)
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(requested)
 
 
 def set_deterministic(enabled: bool) -> None:
@@ -123,11 +117,17 @@ def initial_model(spec: RunSpec, init_checkpoint: Path | str | None) -> torch.nn
     if spec.perturbation:
         options = dict(spec.perturbation_options)
         state, _ = perturb_checkpoint(
-            init_checkpoint, options.pop("name"), options, seed=spec.seed,
-            model_name=spec.model_name, dataset=spec.dataset,
-            model_settings=spec.model_settings, init=spec.init,
-            init_options=spec.init_options, inputs=spec.inputs,
-        )  # fmt: skip
+            init_checkpoint,
+            options.pop("name"),
+            options,
+            seed=spec.seed,
+            model_name=spec.model_name,
+            dataset=spec.dataset,
+            model_settings=spec.model_settings,
+            init=spec.init,
+            init_options=spec.init_options,
+            inputs=spec.inputs,
+        )
         model.load_state_dict(state)
     else:
         initialise(
@@ -209,7 +209,7 @@ class Run:
             spec.optimizer_name, model.parameters(), dict(spec.optimizer_settings)
         )
         total = -(-data.train_x.shape[0] // spec.batch_size) * spec.epochs
-        schedule = SCHEDULES[spec.schedule]
+        schedule = SCHEDULE_BUILDERS[spec.schedule]
         state = TrainState(
             model=model,
             optimizer=optimizer,
@@ -396,8 +396,7 @@ def train_one_epoch(run: Run, callbacks: list[Callback]) -> None:
             break
     if run.meter.sync(p):
         p.status, p.diverged_at_step = "diverged", p.step
-        log.warning("run %s diverged (non-finite loss) by step %d: stopping", spec.run_id,
-                    p.step)  # fmt: skip
+        log.warning("run %s diverged (non-finite loss) by step %d: stopping", spec.run_id, p.step)
         seen = min(p.batch * spec.batch_size, run.n_train)  # images this epoch
         run.record(epoch, "train", p.loss_sum / seen, p.correct / seen)
         run.save(p.step)
@@ -411,9 +410,15 @@ def train_one_epoch(run: Run, callbacks: list[Callback]) -> None:
     p.epoch, p.batch = epoch, 0
     log.info(
         "epoch %d/%d step %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1fs",
-        epoch, spec.epochs, p.step, p.history[-2]["loss"], p.history[-2]["accuracy"],
-        test_loss, test_acc, time.perf_counter() - run.t0,
-    )  # fmt: skip
+        epoch,
+        spec.epochs,
+        p.step,
+        p.history[-2]["loss"],
+        p.history[-2]["accuracy"],
+        test_loss,
+        test_acc,
+        time.perf_counter() - run.t0,
+    )
     for cb in callbacks:
         cb.after_epoch(run)
 
@@ -421,8 +426,13 @@ def train_one_epoch(run: Run, callbacks: list[Callback]) -> None:
 def record_init(run: Run) -> None:
     """Step 0: the init's checkpoint, and its loss and accuracy on both splits."""
     spec, data, model = run.spec, run.data, run.state.model
-    log.info("run %s on %s: %d params, %d steps", spec.run_id, run.device,
-             sum(q.numel() for q in model.parameters()), run.total_steps)  # fmt: skip
+    log.info(
+        "run %s on %s: %d params, %d steps",
+        spec.run_id,
+        run.device,
+        sum(q.numel() for q in model.parameters()),
+        run.total_steps,
+    )
     run.save(0)
     # the init on the training split: every k-th image, about as many as the test split
     # has (the full pass would cost a third of an epoch on a large dataset)
@@ -459,7 +469,7 @@ def train_run(
     if work.open():
         log.info("run %s already trained with this key: publishing %s", spec.run_id, work.path)
         work.publish(run_dir)
-        return json.loads((run_dir / "run.json").read_text())
+        return read_info(run_dir)
     torch.set_num_threads(threads)
     set_deterministic(deterministic)
     run = Run.build(spec, dataset_path, resolve_device(device), work.checkpoints, init_checkpoint)
@@ -467,8 +477,9 @@ def train_run(
     callbacks = callbacks_for(run, work, snapshot_seconds)
     p = run.state.progress  # after restore: the snapshot's
     if resumed:
-        log.info("resuming %s at step %d (epoch %d, batch %d)", spec.run_id, p.step, p.epoch,
-                 p.batch)  # fmt: skip
+        log.info(
+            "resuming %s at step %d (epoch %d, batch %d)", spec.run_id, p.step, p.epoch, p.batch
+        )
     else:
         record_init(run)
     while p.epoch < spec.epochs and p.status == "running":
@@ -480,17 +491,9 @@ def train_run(
     return info
 
 
-RUN_COLUMNS = ("run_id", "study", "model", "dataset", "init", "optimizer", "seed", "shortcut",
-               "perturbation")  # fmt: skip
-
-
 def _write_run_table(df: pd.DataFrame, spec: RunSpec, status: str, path: Path) -> None:
     """Prefix the grid coordinates, suffix the run's status, write atomically."""
-    for i, k in enumerate(RUN_COLUMNS):
-        df.insert(
-            i, k, pd.Series([getattr(spec, k)] * len(df), dtype=object if k != "seed" else "int64")
-        )
-    df["status"] = status
+    tables.insert_run_columns(df, spec.run_id, spec, status)
     tables.write_parquet(df, path, {"run_id": spec.run_id})
 
 
@@ -501,7 +504,7 @@ def write_outputs(run: Run, work: Path, threads: int) -> dict[str, Any]:
     table = grads.table(run.state.model.block_of(), lambda s: s // run.steps_per_epoch)
     _write_run_table(table, spec, p.status, work / "gradients.parquet")
     if grads.reached is not None:
-        grads.write_masks(work / "grad_reached.safetensors", spec.run_id)
+        grads.write_masks(work / paths.GRAD_REACHED, spec.run_id)
     hist = pd.DataFrame(p.history)
     _write_run_table(hist, spec, p.status, work / "history.parquet")
     test_rows = hist[hist.split == "test"]

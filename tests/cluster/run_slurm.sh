@@ -2,8 +2,9 @@
 # The workflow on a real SLURM: start a one-node SLURM cluster on this machine (munged,
 # slurmctld, slurmd; state, logs and munge socket under a temporary folder, free ports; its
 # slurm.conf at /etc/slurm/slurm.conf, where the job steps' srun finds it: the SLURM plugin
-# removes SLURM_CONF from their environment), build the tiny study of
-# tests/cluster/tiny.yaml through `--profile profiles/slurm` (made fit for a small node
+# removes SLURM_CONF from their environment), build the two runs of the tiny study of
+# tests/cluster/tiny.yaml (tests/cluster/tiny_study.py writes them) through
+# `--profile profiles/slurm` (made fit for a small node
 # without GPUs by tests/cluster/make_profile.py, which prints what it changes: no GPU, small
 # memory, squeue for the status), build it again locally, and compare the outputs
 # (tests/cluster/compare_outputs.py). Tears everything down on exit; exits non-zero on any
@@ -18,7 +19,6 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 VENV=${VENV:-$REPO/.venv}
 PY=$VENV/bin/python
 SNAKEMAKE=$VENV/bin/snakemake
-CONFIG=$REPO/tests/cluster/tiny.yaml
 STUDY=tiny
 N_RUNS=2
 START=$SECONDS
@@ -159,6 +159,8 @@ log "SLURM is up: node $HOST idle, srun works"
 
 # --- the study, through SLURM and locally ------------------------------------------------
 "$PY" "$REPO/tests/cluster/make_profile.py" "$REPO" "$WORK/profile" "$CPUS"
+CONFIG=$WORK/tiny.yaml # the tiny study's two runs
+"$PY" "$REPO/tests/cluster/tiny_study.py" "$CONFIG"
 common=(--snakefile "$REPO/Snakefile" --configfile "$CONFIG" --workflow-profile none)
 
 t0=$SECONDS

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import yaml
+from tiny_study import two_runs
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
-TINY = REPO / "tests" / "cluster" / "tiny.yaml"
 
 
 def profile(name: str) -> dict:
@@ -23,7 +23,9 @@ def profile(name: str) -> dict:
 def dry_run(tmp_path: Path, name: str, *args: str) -> str:
     cmd = [SNAKEMAKE, "--profile", str(REPO / "profiles" / name), "--workflow-profile", "none"]
     cmd += ["-s", str(REPO / "Snakefile"), "--directory", str(tmp_path)]
-    cmd += ["--configfile", str(TINY), "-n", *args]
+    config = tmp_path / "tiny.yaml"  # the tiny study's two runs
+    config.write_text(yaml.safe_dump(two_runs()))
+    cmd += ["--configfile", str(config), "-n", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout + r.stderr
