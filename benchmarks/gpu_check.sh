@@ -5,11 +5,17 @@
 #      bench_train_overhead_lenet, bench_train_overhead_resnet18);
 #   2. training throughput (images/s) of LeNet-5 and ResNet-18 on CIFAR-size data
 #      (benchmarks/gpu_throughput.py);
-#   3. a tiny study (tests/cluster/tiny.yaml, `device: cuda`) through the real snakemake CLI
-#      with `--resources gpu=1`, every training run on CUDA;
-#   4. the same study's training with `deterministic: true`, twice: checkpoints identical.
+#   3. the tiny study (tests/cluster/tiny.yaml: 8 runs, branches, features, claims) with
+#      `device: cuda` through the real snakemake CLI with `--resources gpu=1`, every
+#      training run on CUDA;
+#   4. its two-run form (tests/cluster/tiny_study.py) with `deterministic: true`, trained
+#      twice (`--until train`): checkpoints identical.
 #
 #   benchmarks/gpu_check.sh            (from anywhere; logs in results/gpu_check/)
+#
+# About 7 minutes on one H200-class GPU (estimated: no GPU was lent when it was written);
+# GPU_CHECK_SECONDS (default 470) bounds the whole script: a check that would start later
+# is reported as not run.
 #
 # It runs `make setup` first (nothing to do when .venv is up to date). On a machine whose
 # Python already has every dependency (and no internet), set PARAMDYN_PYTHON to it: setup
@@ -21,6 +27,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 LOGS=${GPU_CHECK_LOGS:-$REPO/results/gpu_check}
+BUDGET=${GPU_CHECK_SECONDS:-470} # the whole script's: a check never runs past it
 START=$SECONDS
 
 say() { printf '== gpu_check [%3ds] %s\n' "$((SECONDS - START))" "$*"; }
@@ -59,8 +66,14 @@ FAILED=0
 # bash of its own with errexit, under a time limit that ends its whole process group, its
 # output in $LOGS/NAME.log; show the telling lines, record PASS or FAIL; never stop here.
 check() {
-	local name=$1 limit=$2 rc=0 why=""
+	local name=$1 limit=$2 rc=0 why="" left=$((BUDGET - (SECONDS - START)))
 	shift 2
+	if ((left < 15)); then
+		SUMMARY+=("FAIL  $name (not run: the ${BUDGET}s budget is spent)")
+		FAILED=1
+		return 0
+	fi
+	((limit <= left)) || limit=$left
 	say "$name (limit ${limit}s)"
 	timeout --kill-after=10 "$limit" bash -c 'set -euo pipefail; "$@"' "$name" "$@" \
 		>"$LOGS/$name.log" 2>&1 || rc=$?
@@ -85,26 +98,28 @@ bench() { # bench PRECISION FILE [ENV=VALUE ...]
 export -f bench
 for precision in fp32 bf16; do
 	snap=$([[ $precision == fp32 ]] && echo 1 || echo 0) # the snapshot's cost: once
-	check "bench_train_lenet_$precision" 120 bench "$precision" bench_train_lenet.py
-	check "bench_train_resnet18_$precision" 150 bench "$precision" bench_train_resnet18.py \
-		BENCH_EPOCHS=2 BENCH_TRAIN_IMAGES=10000
-	check "bench_train_overhead_lenet_$precision" 120 bench "$precision" \
+	check "bench_train_lenet_$precision" 90 bench "$precision" bench_train_lenet.py
+	check "bench_train_resnet18_$precision" 120 bench "$precision" bench_train_resnet18.py \
+		BENCH_EPOCHS=2 BENCH_TRAIN_IMAGES=5000
+	check "bench_train_overhead_lenet_$precision" 90 bench "$precision" \
 		bench_train_overhead_lenet.py BENCH_ROUNDS=5 BENCH_SNAPSHOT="$snap"
-	check "bench_train_overhead_resnet18_$precision" 150 bench "$precision" \
-		bench_train_overhead_resnet18.py BENCH_ROUNDS=5 BENCH_SNAPSHOT="$snap" \
-		BENCH_EPOCHS=2 BENCH_TRAIN_IMAGES=10000
+	check "bench_train_overhead_resnet18_$precision" 120 bench "$precision" \
+		bench_train_overhead_resnet18.py BENCH_ROUNDS=3 BENCH_SNAPSHOT=0 \
+		BENCH_EPOCHS=2 BENCH_TRAIN_IMAGES=5000
 done
 
 # --- 2. images/s on CIFAR-size data ----------------------------------------------------------
-check throughput 150 "$PY" benchmarks/gpu_throughput.py --device cuda
+check throughput 120 "$PY" benchmarks/gpu_throughput.py --device cuda
 
 # --- 3. a tiny study through the real snakemake CLI on the GPU ------------------------------
-study_config() { # study_config DIR DETERMINISTIC: tiny.yaml on CUDA
+study_config() { # study_config DIR FORM DETERMINISTIC: the tiny study (full|two_runs) on CUDA
 	mkdir -p "$1"
-	"$PY" - "$1/tiny.yaml" "$2" <<-'EOF'
+	"$PY" - "$1/tiny.yaml" "$2" "$3" <<-'EOF'
 		import sys, yaml
-		cfg = yaml.safe_load(open("tests/cluster/tiny.yaml"))
-		cfg.update(device="cuda", deterministic=sys.argv[2] == "true")
+		sys.path.insert(0, "tests/cluster")
+		import tiny_study
+		cfg = tiny_study.load() if sys.argv[2] == "full" else tiny_study.two_runs()
+		cfg.update(device="cuda", deterministic=sys.argv[3] == "true")
 		open(sys.argv[1], "w").write(yaml.safe_dump(cfg))
 	EOF
 }
@@ -112,7 +127,7 @@ snakemake_in() { # snakemake_in DIR ARGS...: under the directory lock, as make d
 	local dir=$1
 	shift
 	"$PY" -m paramdyn.runlock -- "$PY" -m snakemake -s "$REPO/Snakefile" --directory "$dir" \
-		--configfile "$dir/tiny.yaml" --cores 4 --resources gpu=1 "$@"
+		--configfile "$dir/tiny.yaml" --cores 8 --resources gpu=1 "$@"
 }
 on_cuda() { # every run.json of the study says it trained on CUDA
 	"$PY" - "$1" <<-'EOF'
@@ -125,7 +140,7 @@ on_cuda() { # every run.json of the study says it trained on CUDA
 	EOF
 }
 study() {
-	study_config "$WORK/study" false
+	study_config "$WORK/study" full false
 	snakemake_in "$WORK/study" && on_cuda "$WORK/study"
 }
 export -f study_config snakemake_in on_cuda study
@@ -134,7 +149,7 @@ check study_cuda 240 study
 # --- 4. deterministic: the same training twice, bit for bit ---------------------------------
 deterministic() {
 	for i in 1 2; do
-		study_config "$WORK/det$i" true
+		study_config "$WORK/det$i" two_runs true
 		snakemake_in "$WORK/det$i" --until train || return 1
 	done
 	on_cuda "$WORK/det1"

@@ -212,3 +212,20 @@ def test_unlock_command_keeps_the_workflow_options():
                                           "--unlock"]  # fmt: skip
     assert runlock.workdir_of(["-d", "/tmp/x", "--cores", "1"]) == Path("/tmp/x").resolve()
     assert runlock.workdir_of(["--cores", "1"]) == Path.cwd()
+
+
+def test_without_flock_the_command_runs_and_nothing_is_unlocked(tmp_path):
+    before = write_locks(tmp_path)
+    script = (
+        "import errno, fcntl, sys\n"
+        "def no_flock(*a): raise OSError(errno.ENOLCK, 'No locks available')\n"
+        "fcntl.flock = no_flock\n"
+        "from paramdyn import runlock\n"
+        "sys.exit(runlock.main(['--', 'echo', 'ran', '--directory', sys.argv[1]]))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ran") and "cannot lock" in r.stderr
+    assert lock_state(tmp_path) == before

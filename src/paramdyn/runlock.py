@@ -25,7 +25,8 @@ exits, however it exits. Then:
   if one does, the marks stay and Snakemake decides as usual.
 
 Then the command replaces this process (``exec``) with the lock's descriptor kept open,
-so the lock lives exactly as long as the Snakemake process.
+so the lock lives exactly as long as the Snakemake process. On a file system without
+``flock`` the command runs as it is, and nothing is unlocked.
 The workdir is the command's ``-d/--directory``, else the current directory.
 """
 
@@ -41,6 +42,10 @@ from pathlib import Path
 
 LOCK_FILE = "paramdyn.lock"  # inside <workdir>/.snakemake
 BUSY = 75  # EX_TEMPFAIL: another live run uses the directory; try again later
+
+
+class NoLock(Exception):
+    """The file system of the workdir offers no ``flock`` (some network file systems)."""
 
 
 class Busy(Exception):
@@ -104,7 +109,8 @@ def unlock_command(command: list[str]) -> list[str]:
 
 def acquire(workdir: Path, command: list[str]) -> int:
     """Take ``<workdir>/.snakemake/paramdyn.lock`` without waiting; the descriptor that
-    holds it. Raises :class:`Busy` (naming the holder) when a live process holds it."""
+    holds it. Raises :class:`Busy` (naming the holder) when a live process holds it, and
+    :class:`NoLock` when the file system cannot lock it."""
     path = workdir / ".snakemake" / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -114,6 +120,9 @@ def acquire(workdir: Path, command: list[str]) -> int:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         os.close(fd)
         raise Busy(path, holder) from None
+    except OSError as e:  # ENOLCK, EOPNOTSUPP, ...: no flock on this file system
+        os.close(fd)
+        raise NoLock(f"{path}: {e.strerror}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()}: {' '.join(command)}\n".encode(), 0)
     return fd
@@ -214,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as e:
         say(f"the unlock ({' '.join(e.cmd)}) failed with exit status {e.returncode}")
         return e.returncode or 1
-    os.set_inheritable(fd, True)  # held by the command itself from here on
+    except NoLock as e:
+        say(f"cannot lock ({e}): running the command as it is, unlocking nothing")
+        fd = None
+    if fd is not None:
+        os.set_inheritable(fd, True)  # held by the command itself from here on
     os.execv(exe, argv)
     return 0  # not reached
 
