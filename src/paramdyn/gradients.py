@@ -18,6 +18,9 @@ from . import checkpoints
 GRAD_STATS = ("grad_l2", "grad_max_abs", "zeros", "nans", "infs")
 
 
+PRUNE_STEPS = 16  # how often a CPU run stops updating the masks that are complete
+
+
 class GradientRecorder:
     """Per-tensor gradient statistics every ``every`` steps (L2 norm, max |g|, exact zeros,
     NaN and Inf counts), computed on the device right after ``backward()`` and kept there:
@@ -41,6 +44,11 @@ class GradientRecorder:
             [torch.zeros_like(q, dtype=torch.bool) for q in self.params] if track_reached else None
         )
         self.initial = [q.detach().clone() for q in self.params] if track_reached else None
+        # tensors whose masks are not yet all True (a full mask cannot change any more, so
+        # it is skipped: exact); pruned at the sync points, and every PRUNE_STEPS on a CPU
+        self.open_reached = self.open_moved = list(range(len(self.params)))
+        self.prune_every = PRUNE_STEPS if all(q.device.type == "cpu" for q in self.params) else 0
+        self.seen = 0
 
     @property
     def active(self) -> bool:
@@ -51,8 +59,8 @@ class GradientRecorder:
         """``step``: the optimizer step about to be taken (1 = the first)."""
         grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
         if self.reached is not None:
-            for r, g in zip(self.reached, grads, strict=True):
-                r.logical_or_(g != 0)
+            for i in self.open_reached:
+                self.reached[i].logical_or_(grads[i] != 0)
         if self.every and step % self.every == 0:
             cols = [
                 torch.stack(torch._foreach_norm(grads)),
@@ -66,10 +74,20 @@ class GradientRecorder:
     @torch.no_grad()
     def after_step(self) -> None:
         if self.moved is not None:
-            for m, q, q0 in zip(self.moved, self.params, self.initial, strict=True):
-                m.logical_or_(q != q0)
+            for i in self.open_moved:
+                self.moved[i].logical_or_(self.params[i] != self.initial[i])
+            self.seen += 1
+            if self.prune_every and self.seen % self.prune_every == 0:
+                self.prune()
+
+    def prune(self) -> None:
+        """Stop updating the masks that are all True (reads them: a sync on a GPU)."""
+        if self.reached is not None:
+            self.open_reached = [i for i in self.open_reached if not bool(self.reached[i].all())]
+            self.open_moved = [i for i in self.open_moved if not bool(self.moved[i].all())]
 
     def flush(self) -> None:
+        self.prune()
         for step, st in self.pending:
             self.steps.append(step)
             self.stats.append(st.cpu())
@@ -94,6 +112,8 @@ class GradientRecorder:
             for i, n in enumerate(self.names):
                 self.reached[i].copy_(t[f"reached.{n}"])
                 self.moved[i].copy_(t[f"moved.{n}"])
+            self.open_reached = self.open_moved = list(range(len(self.params)))
+            self.prune()
 
     def table(self, layout: dict[str, tuple[str, int]], epoch_of) -> pd.DataFrame:
         """Rows per (step, tensor) and per (step, block), as in distances.parquet."""
