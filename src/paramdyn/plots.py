@@ -200,8 +200,11 @@ def distance_vs_depth(distances: Path | str, out: Path | str, reference: str, me
 
 def history_curves(history: Path | str, out: Path | str, measure: str):
     """Accuracy or loss against epoch, train and test, one panel per optimizer / init /
-    dataset (the parts that vary; the rest go in the title)."""
+    dataset (the parts that vary; the rest go in the title). Perturb-and-retrain branches
+    are left out: they start trained (their own figure is perturbations.png)."""
     df = tables.read_parquet(history).copy()
+    if "perturbation" in df.columns:
+        df = df[df["perturbation"].fillna("") == ""]
     setting, constant = _setting(df)
     df["setting"] = setting.map(lambda t: _wrap(t, 30)) if setting is not None else ""
     panels = df["setting"].nunique()
