@@ -494,6 +494,8 @@ def gradient_vs_depth(gradients, out: Path | str, vanish: float, explode: float)
     title (NaN/Inf gradients count as exploding)."""
     df = tables.read_parquet(gradients)
     df = df[df["granularity"] == "block"].copy()
+    if "perturbation" in df.columns:  # branches start trained: the runs only
+        df = df[df["perturbation"].fillna("") == ""]
     if df.empty:
         return _empty(out, "no gradients recorded (set gradients.every_steps)")
     df["exploding"] = (df["grad_rms"] > explode) | (df["nans"] + df["infs"] > 0)
