@@ -417,3 +417,12 @@ def test_dry_run_draws_the_step_figures(tmp_path):
     assert job_counts(r.stdout + r.stderr)["plot_distance_steps"] == 1
     for reference in ("init", "previous"):
         assert f"results/tiny/figures/distance_vs_step_{reference}.png" in r.stdout + r.stderr
+
+
+def test_bands_are_the_findings_t_interval():
+    from paramdyn.plots import t_interval
+
+    low, high = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.302653
+    assert low == pytest.approx(2 - 4.302653 / 3**0.5, rel=1e-6)
+    assert high == pytest.approx(2 + 4.302653 / 3**0.5, rel=1e-6)
+    assert t_interval([5.0]) == (5.0, 5.0)

@@ -418,6 +418,12 @@ def _table(
         cols["block"] += block * (n_k * 2)
 
     v = {name: np.concatenate(parts) for name, parts in num.items()}
+    return _derived(v, cols, ps)
+
+
+def _derived(v: dict[str, np.ndarray], cols: dict[str, list[Any]], ps: list[float]) -> pd.DataFrame:
+    """The table's columns from the summed statistics ``v`` (Σ|d|, Σd², Σθ·θ_ref, Σθ²,
+    Σ|d|^p, counts, one entry per row) and the label columns ``cols``."""
     numel = v["numel"]
     with np.errstate(divide="ignore", invalid="ignore"):
         l2 = np.sqrt(v["l2sq"])
