@@ -757,8 +757,6 @@ def distance_step_frame(distances, metric: str) -> pd.DataFrame:
     per step: the distance divided by the steps between the two checkpoints (1 when every
     step is checkpointed). ``position``: 0 = first block after the stem, 1 = last block
     before the classifier; ``blocks``: the model's number of building blocks."""
-    from scipy import stats  # here, not at the top: seconds to import, for one figure
-
     df = distances if isinstance(distances, pd.DataFrame) else _block_rows(distances, metric)
     df = df[df["granularity"] == "block"].reset_index(drop=True)
     if "perturbation" in df.columns:
@@ -773,7 +771,7 @@ def distance_step_frame(distances, metric: str) -> pd.DataFrame:
     df["value"] = df[metric] / gap
     out = df.groupby(STEP_KEYS, as_index=False)["value"].agg(["mean", "std", "count"])
     out = out.rename(columns={"count": "n"})
-    t = stats.t.ppf(0.975, (out["n"] - 1).clip(lower=1))
+    t = out["n"].clip(lower=2).map(_t_quantile).to_numpy()
     half = np.where(out["n"] > 1, t * out["std"] / np.sqrt(out["n"]), np.nan)
     out["low"], out["high"] = out["mean"] - half, out["mean"] + half
     return out.drop(columns="std").sort_values(STEP_KEYS, ignore_index=True)
