@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from _bench import report
@@ -174,3 +175,14 @@ def report_training(name: str, best: dict[str, float], images: int, baseline: st
           f"{best['equal_work']:.2f} s, {eq:,.1f} images/s; ours over it: {ours / eq:.2f}")  # fmt: skip
     print(f"ours (paramdyn.train.train_run): {best['ours']:.2f} s, {ours:,.1f} images/s")
     report(name, ours / base, "ours images/s over seed-style loop images/s")
+
+
+def random_cifar(n_train: int, n_test: int):
+    """Seeded random CIFAR-size uint8 images (N, 3, 32, 32) and 10-class labels: train x,
+    y, then test x, y. The training benchmarks measure speed, not accuracy."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(n_train, 3, 32, 32), dtype=np.uint8)
+    tx = rng.integers(0, 256, size=(n_test, 3, 32, 32), dtype=np.uint8)
+    y = rng.integers(0, 10, size=n_train).astype(np.int64)
+    ty = rng.integers(0, 10, size=n_test).astype(np.int64)
+    return x, y, tx, ty

@@ -15,8 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from _overhead import make_spec, run_benchmark, write_dataset
+from _train import random_cifar
 
 N_TRAIN = int(os.environ.get("BENCH_TRAIN_IMAGES", "1024"))
 N_TEST = max(1, N_TRAIN // 4)
@@ -37,11 +37,7 @@ STUDY = {
 
 
 def main() -> None:
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(N_TRAIN, 3, 32, 32), dtype=np.uint8)
-    tx = rng.integers(0, 256, size=(N_TEST, 3, 32, 32), dtype=np.uint8)
-    y = rng.integers(0, 10, size=N_TRAIN).astype(np.int64)
-    ty = rng.integers(0, 10, size=N_TEST).astype(np.int64)
+    x, y, tx, ty = random_cifar(N_TRAIN, N_TEST)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cifar10.safetensors"
         write_dataset(path, x, y, tx, ty, "cifar10", 10)

@@ -26,6 +26,7 @@ import torch
 from _train import (
     EPOCHS,
     interleaved,
+    random_cifar,
     report_training,
     run_spec,
     setting,
@@ -81,11 +82,7 @@ def main() -> None:
                 self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
             self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(N_TRAIN, 3, 32, 32), dtype=np.uint8)
-    tx = rng.integers(0, 256, size=(N_TEST, 3, 32, 32), dtype=np.uint8)
-    y = rng.integers(0, 10, size=N_TRAIN).astype(np.int64)
-    ty = rng.integers(0, 10, size=N_TEST).astype(np.int64)
+    x, y, tx, ty = random_cifar(N_TRAIN, N_TEST)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_cifar(tmp / "tv", x, y, tx, ty)
