@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import catalog, columns
-from .perturb import validate_perturbation
+from .perturb import PERTURBATION_OPTIONS, validate_perturbation
 
 DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
@@ -26,8 +26,18 @@ MODEL_SETTINGS = ("width", "depth", "norm")  # keys of a model entry that change
 INIT_ENTRY_KEYS = ("name", "label", "run")  # keys of an init entry that are not init options
 
 # RunSpec fields added after runs were first keyed: left out of the run's JSON (its key)
-# while empty, so the runs of configs that do not use them keep their key and do not retrain
+# while empty (or None: 0 is a valid data seed and branching step), so the runs of configs
+# that do not use them keep their key and do not retrain
 _OMITTED_WHEN_EMPTY = ("init_options", "inputs")
+_OMITTED_WHEN_NONE = ("data_seed", "branch_step")
+
+# keys of a perturbation entry that say how to branch, not how to perturb (the others are
+# the perturbation's options)
+BRANCH_KEYS = ("name", "label", "where", "at_step", "at_epoch", "data_seeds", "epochs")
+# the perturbation option kinds (perturb.PERTURBATION_OPTIONS) a list of values sweeps
+SWEPT_KINDS = ("number", "positive")
+# the kinds of interpolation pairs, in the order the pairs are listed
+INTERPOLATION_KINDS = ("seeds", "data_seeds", "branches", "instability", "init_final")
 
 
 class ConfigError(ValueError):
@@ -73,11 +83,23 @@ class RunSpec:
     # the dataset's input transform on the device, in pixel space before normalisation:
     # {pad_to: side, channels: 3} (only what differs from the dataset); {} = as stored
     inputs: dict[str, Any] = field(default_factory=dict)
+    # the seed of the data order and augmentation; None = the run's seed (one equal to the
+    # seed is stored as None: the same run, the same key)
+    data_seed: int | None = None
+    # a branch: the step of its source run's checkpoint it starts from; None = the final one
+    branch_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.data_seed is not None and self.data_seed == self.seed:
+            object.__setattr__(self, "data_seed", None)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k in _OMITTED_WHEN_EMPTY:
             if not d[k]:
+                del d[k]
+        for k in _OMITTED_WHEN_NONE:
+            if d[k] is None:
                 del d[k]
         return d
 
@@ -87,6 +109,12 @@ class RunSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
         return cls(**d)
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the data order and augmentation: ``data_seed``, else ``seed`` (which
+        always seeds the init, and a branch's perturbation)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def input_shape(self) -> tuple[int, int]:
@@ -128,6 +156,11 @@ class Study:
     claims: tuple[dict[str, Any], ...] = ()
     min_accuracy: float | None = None  # training check: best test accuracy over seeds
     expect_failure: tuple[str, ...] = ()  # model labels whose failure to train is studied
+    # the study's `interpolation` settings (defaults filled in), and the pairs of
+    # checkpoints to interpolate between (none unless enabled): each {pair (its id), kind,
+    # run_a, end_a, run_b, end_b}, an end being "init" (step 0) or "final"
+    interpolation: dict[str, Any] = field(default_factory=dict)
+    interpolation_pairs: tuple[dict[str, str], ...] = ()
 
 
 def _schema_error(err: Any) -> str:
@@ -367,9 +400,10 @@ def _check_duplicates(
 ) -> None:
     """Each seed and dataset listed once, each model, init and optimizer label once (the
     labels name the runs), and the inits a model restricts itself to among the study's."""
-    seeds = study["seeds"]
-    if len(set(seeds)) != len(seeds):
-        problems.add(f"{key}/seeds", f"duplicated seeds {seeds}; list each seed once")
+    for axis in ("seeds", "data_seeds"):
+        seeds = study.get(axis, [])
+        if len(set(seeds)) != len(seeds):
+            problems.add(f"{key}/{axis}", f"duplicated seeds {seeds}; list each seed once")
     for axis, entries in (("models", models), ("optimizers", optimizers)):
         duplicated = _duplicates([_label(entry) for entry in entries])
         if duplicated:
@@ -526,6 +560,9 @@ def _resolve_study(name: str, study: dict[str, Any], problems: Problems) -> Stud
         return Study(name, {}, (), {})
     runs = _expand_grid(name, study, models, inits, init_options, optimizers, inputs, problems)
     runs.update(_branches(key, runs, study, problems))
+    # with data_seeds the data order is an axis of its own; without, it follows the seed
+    own_order = "data_seeds" in study
+    interpolation = dict(study["interpolation"])
     return Study(
         name,
         runs,
@@ -534,7 +571,13 @@ def _resolve_study(name: str, study: dict[str, Any], problems: Problems) -> Stud
         keep_step_checkpoints=(study.get("checkpoint") or {}).get("keep_steps", True),
         features=dict(study["features"]),
         gradients=dict(study["gradients"]),
-        similarity_pairs=_pairs(runs, study["similarity"]["pairs"]),
+        similarity_pairs=_pairs(runs, study["similarity"]["pairs"], own_order),
+        interpolation=interpolation,
+        interpolation_pairs=(
+            interpolation_pairs(runs, interpolation["pairs"], own_order)
+            if interpolation["enabled"]
+            else ()
+        ),
     )
 
 
@@ -566,9 +609,10 @@ def _expand_grid(
     inputs: dict[str, dict[str, int]],
     problems: Problems,
 ) -> dict[str, RunSpec]:
-    """The runs of the grid models x datasets x inits x optimizers x seeds, in that order,
-    keyed by run id ``<model>_<dataset>_<init>_<optimizer>_s<seed>``; a model entry with its
-    own ``inits`` takes only those."""
+    """The runs of the grid models x datasets x inits x optimizers x seeds x data_seeds, in
+    that order, keyed by run id ``<model>_<dataset>_<init>_<optimizer>_s<seed>`` (with
+    ``-d<data seed>`` appended when a data seed differs from the seed); a model entry with
+    its own ``inits`` takes only those."""
     key = f"studies/{name}"
     checkpoint = study.get("checkpoint") or {}
     normalize = study["normalize"]
@@ -582,8 +626,9 @@ def _expand_grid(
         list(zip(inits, init_options, strict=True)),
         optimizers,
         study["seeds"],
+        study.get("data_seeds", [None]),
     )
-    for model, dataset, (init, options), optimizer, seed in grid:
+    for model, dataset, (init, options), optimizer, seed, data_seed in grid:
         init_label = _init_label(init)
         if "inits" in model and not {init["name"], init_label} & set(model["inits"]):
             continue  # this model takes only some of the study's inits
@@ -593,7 +638,8 @@ def _expand_grid(
         model_label, optimizer_label = _label(model), _label(optimizer)
         run = RunSpec(
             study=name,
-            run_id=f"{model_label}_{dataset}_{init_label}_{optimizer_label}_s{seed}",
+            run_id=f"{model_label}_{dataset}_{init_label}_{optimizer_label}_"
+            + _seed_id(seed, data_seed),
             model=model_label,
             model_name=model["name"],
             model_settings={k: model[k] for k in MODEL_SETTINGS if k in model},
@@ -621,6 +667,7 @@ def _expand_grid(
             measures=dict(measures),
             init_options=options,
             inputs=inputs.get(dataset, {}),
+            data_seed=data_seed,
         )
         _check_run_cadence(key, run, problems)
         if run.run_id in runs:
@@ -629,36 +676,191 @@ def _expand_grid(
     return runs
 
 
+def _seed_id(seed: int, data_seed: int | None) -> str:
+    """The seeds' part of a run id: ``s<seed>``, ``s<seed>-d<data seed>`` when they differ."""
+    return f"s{seed}" if data_seed in (None, seed) else f"s{seed}-d{data_seed}"
+
+
 def _branches(key: str, runs: dict[str, RunSpec], study: dict[str, Any], problems: Problems):
-    """A perturb-and-retrain branch of every run for every perturbation of the study."""
+    """The perturb-and-retrain branches of the study: for each perturbation entry, each run
+    its ``where`` selects branches once per value of each option given as a list, per
+    branching step (``at_step``/``at_epoch``; default the final weights) and per data seed
+    (``data_seeds``; default the branch's seed), in that order (ids: :func:`_branch`)."""
     out: dict[str, RunSpec] = {}
     labels = []
+    keep_steps = (study.get("checkpoint") or {}).get("keep_steps", True)
     for i, entry in enumerate(study["perturbations"]):
-        options = {k: v for k, v in entry.items() if k not in ("name", "label", "where")}
-        try:
-            validate_perturbation(entry["name"], options)
-        except ValueError as e:
-            problems.add(f"{key}/perturbations/{i}", str(e))
+        where = f"{key}/perturbations/{i}"
+        sweep = _option_sweep(where, entry, problems)
+        if not sweep:
             continue
         label = entry.get("label", entry["name"].replace("_", "-"))
         labels.append(label)
-        sources = _branch_sources(f"{key}/perturbations/{i}/where", runs, entry, problems)
+        sources = _branch_sources(f"{where}/where", runs, entry, problems)
+        steps = _branch_steps(where, label, entry, sources, keep_steps, problems)
+        data_seeds = entry.get("data_seeds", [None])
+        if len(set(data_seeds)) != len(data_seeds):
+            problems.add(f"{where}/data_seeds", f"duplicated seeds {data_seeds}; list each once")
         for run in sources:
-            branch = f"{run.run_id}_{label}"
-            out[branch] = RunSpec(
-                **{
-                    **run.to_dict(),
-                    "run_id": branch,
-                    "seed": run.seed + study["perturb_seed_offset"],
-                    "init_name": "perturbed",
-                    "init_source": f"{run.study}/{run.run_id}",
-                    "perturbation": label,
-                    "perturbation_options": {"name": entry["name"], **options},
-                }
-            )
+            for (suffix, options), step, data_seed in itertools.product(
+                sweep, steps[run.run_id], data_seeds
+            ):
+                branch = _branch(run, entry, label, suffix, options, step, data_seed, study)
+                if branch.run_id in out or branch.run_id in runs:
+                    problems.add(where, f"two branches share the run id {branch.run_id}")
+                out[branch.run_id] = branch
     if len(set(labels)) != len(labels):
         problems.add(f"{key}/perturbations", "give each entry a distinct 'label'")
     return out
+
+
+def _branch(
+    run: RunSpec,
+    entry: dict[str, Any],
+    label: str,
+    suffix: str,
+    options: dict[str, Any],
+    step: int | None,
+    data_seed: int | None,
+    study: dict[str, Any],
+) -> RunSpec:
+    """The branch of ``run`` for a perturbation entry with ``options`` (one value of each
+    swept option, named by ``suffix``), from its checkpoint at ``step`` (None: the final
+    one), trained on with the data order of ``data_seed`` (None: the branch's seed). Its id
+    is ``<run id>_<label>``, then, only for what the entry varies, ``-<option><value>``
+    (the ``suffix``), ``-k<step>`` (at_step/at_epoch given) and ``-d<data seed>``
+    (data_seeds given): an entry that varies nothing names its branches as it always has."""
+    branch_id = f"{run.run_id}_{label}{suffix}"
+    if "at_step" in entry or "at_epoch" in entry:
+        branch_id += f"-k{step}"
+    if "data_seeds" in entry:
+        branch_id += f"-d{data_seed}"
+    return RunSpec(
+        **{
+            **run.to_dict(),
+            "run_id": branch_id,
+            "seed": run.seed + study["perturb_seed_offset"],
+            "data_seed": data_seed,
+            "epochs": entry.get("epochs", run.epochs),
+            "branch_step": step,
+            "init_name": "perturbed",
+            "init_source": f"{run.study}/{run.run_id}",
+            "perturbation": label,
+            "perturbation_options": {"name": entry["name"], **options},
+        }
+    )
+
+
+def _compact(value: Any) -> str:
+    """A swept option's value in a run id: short (1e-06, 0.001, 2), exact, no '+' or '/'."""
+    if isinstance(value, float):
+        text = f"{value:g}"
+        return (text if float(text) == value else repr(value)).replace("+", "")
+    return str(value)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _option_sweep(
+    where: str, entry: dict[str, Any], problems: Problems
+) -> list[tuple[str, dict[str, Any]]]:
+    """The option sets of a perturbation entry (at config key ``where``), each with its id
+    suffix: one per combination of the values of its numeric options given as a list
+    (``epsilon: [1e-6, 1e-3]``), in the registry's option order; ``[("", options)]`` when
+    none is. Each set is checked by validate_perturbation; [] when one is refused."""
+    name = entry["name"]
+    options = {k: v for k, v in entry.items() if k not in BRANCH_KEYS}
+    kinds = PERTURBATION_OPTIONS.get(name, {})
+    swept = [
+        k
+        for k, (kind, _, _) in kinds.items()
+        if kind in SWEPT_KINDS and isinstance(options.get(k), list)
+    ]
+    for k in swept:
+        values = options[k]
+        if not values:
+            problems.add(f"{where}/{k}", "an empty list; give at least one value")
+            return []
+        if all(_is_number(v) for v in values) and len(set(values)) != len(values):
+            problems.add(f"{where}/{k}", f"{values} lists a value twice; list each once")
+            return []
+    out = []
+    for combo in itertools.product(*(options[k] for k in swept)):
+        chosen = {**options, **dict(zip(swept, combo, strict=True))}
+        try:
+            validate_perturbation(name, chosen)
+        except ValueError as e:
+            problems.add(where, str(e))
+            return []
+        suffix = "".join(
+            f"-{k.replace('_', '-')}{_compact(v)}" for k, v in zip(swept, combo, strict=True)
+        )
+        out.append((suffix, chosen))
+    return out
+
+
+def _branch_steps(
+    where: str,
+    label: str,
+    entry: dict[str, Any],
+    sources: list[RunSpec],
+    keep_steps: bool,
+    problems: Problems,
+) -> dict[str, list[int | None]]:
+    """Per source run id, the steps its branches start from: ``[None]`` (the final weights)
+    unless the entry gives ``at_step`` or ``at_epoch`` (epoch e = step e x the run's steps
+    per epoch). Each must be a checkpoint the run saves, and one mid-epoch needs
+    ``checkpoint.keep_steps`` (else it is deleted once measured, maybe before the branch
+    reads it). A problem is reported once per value, with one run it fails for."""
+    if "at_step" in entry and "at_epoch" in entry:
+        problems.add(where, "give at_step or at_epoch, not both")
+        return {run.run_id: [] for run in sources}
+    unit = next((u for u in ("at_step", "at_epoch") if u in entry), None)
+    if unit is None:
+        return {run.run_id: [None] for run in sources}
+    given = entry[unit] if isinstance(entry[unit], list) else [entry[unit]]
+    if len(set(given)) != len(given):
+        problems.add(f"{where}/{unit}", f"{given} lists a value twice; list each once")
+    out: dict[str, list[int | None]] = {}
+    failed: dict[int, list[tuple[RunSpec, int]]] = {}  # value -> the (run, step)s it fails
+    for run in sources:
+        out[run.run_id] = []
+        for value in given:
+            step = value if unit == "at_step" else value * run.steps_per_epoch
+            if _unsaved(run, step, keep_steps, ""):
+                failed.setdefault(value, []).append((run, step))
+            else:
+                out[run.run_id].append(step)
+    for value, fails in failed.items():
+        n = len(fails) - 1
+        others = f" (and {n} other run{'s' * (n > 1)})" if n else ""
+        message = _unsaved(*fails[0], keep_steps, others)
+        problems.add(f"{where}/{unit}", f"perturbation '{label}': {unit} {value}: {message}")
+    return out
+
+
+def _unsaved(run: RunSpec, step: int, keep_steps: bool, others: str) -> str:
+    """Why a branch of ``run`` (``others``: the other runs it stands for) cannot start from
+    its checkpoint at ``step`` ('' when it can): the run saves none there, or deletes it (a
+    mid-epoch step, keep_steps false)."""
+    saved = run.checkpoint_steps()
+    if step not in saved:
+        nearest = sorted(sorted(saved, key=lambda s: (abs(s - step), s))[:4])
+        return (
+            f"run {run.run_id}{others} saves no checkpoint at step {step} (it trains "
+            f"{saved[-1]} steps, {run.steps_per_epoch} per epoch; the nearest checkpoint "
+            f"steps: {', '.join(map(str, nearest))}). Branch from one of those, or add "
+            "checkpoint: every_steps (or every_epochs) so that the step is saved"
+        )
+    if not keep_steps and step % run.steps_per_epoch:
+        return (
+            f"step {step} is a mid-epoch checkpoint of run {run.run_id}{others}, deleted once "
+            "measured (checkpoint.keep_steps: false). Set keep_steps: true, or branch from "
+            "an epoch's end"
+        )
+    return ""
 
 
 def _branch_sources(
@@ -683,15 +885,20 @@ def _branch_sources(
     return sources
 
 
-def _pairs(runs: dict[str, RunSpec], kinds: list[str]) -> tuple[tuple[str, str, str], ...]:
+def _pairs(
+    runs: dict[str, RunSpec], kinds: list[str], own_order: bool = False
+) -> tuple[tuple[str, str, str], ...]:
     """Pairs of runs to compare: same model and dataset, differing in exactly one of seed,
-    init, optimizer (when that kind is asked for); and each branch with its original."""
+    init, optimizer (when that kind is asked for); and each branch with its original. With
+    ``own_order`` (the study gives data_seeds) the two runs also share their data order."""
     axes = {"seeds": "seed", "inits": "init", "optimizers": "optimizer"}
     base = [r for r in runs.values() if not r.perturbation]
     pairs = []
     for i, a in enumerate(base):
         for b in base[i + 1 :]:
             if (a.model, a.dataset) != (b.model, b.dataset):
+                continue
+            if own_order and a.order_seed != b.order_seed:
                 continue
             diff = [k for k, f in axes.items() if getattr(a, f) != getattr(b, f)]
             if len(diff) == 1 and diff[0] in kinds:
@@ -701,6 +908,96 @@ def _pairs(runs: dict[str, RunSpec], kinds: list[str]) -> tuple[tuple[str, str, 
             if r.perturbation:
                 pairs.append((r.init_source.split("/", 1)[1], r.run_id, "perturbations"))
     return tuple(pairs)
+
+
+def _all_but(run: RunSpec, *fields: str) -> str:
+    """The key of ``run`` without its id and ``fields``: equal for runs differing only there."""
+    d = run.to_dict()
+    for f in ("run_id", "data_seed", *fields):
+        d.pop(f, None)
+    return json.dumps(d, sort_keys=True)
+
+
+def _differing(runs: list[RunSpec], group, differ) -> list[tuple[RunSpec, RunSpec]]:
+    """Every two runs (in grid order) with the same ``group(run)`` and different
+    ``differ(run)``."""
+    groups: dict[Any, list[RunSpec]] = {}
+    for run in runs:
+        groups.setdefault(group(run), []).append(run)
+    return [
+        (a, b)
+        for members in groups.values()
+        for i, a in enumerate(members)
+        for b in members[i + 1 :]
+        if differ(a) != differ(b)
+    ]
+
+
+def _source_id(run: RunSpec) -> str:
+    return run.init_source.split("/", 1)[1]
+
+
+# kind -> the (run_a, end_a, run_b, end_b) of its pairs, from (base runs, branches, own order)
+_INTERPOLATION_RULES = {
+    # base runs equal in all but the init seed (and, without data_seeds, the data order
+    # that follows it): final vs final
+    "seeds": lambda base, branches, own_order: [
+        (a.run_id, "final", b.run_id, "final")
+        for a, b in _differing(
+            base,
+            lambda r: (_all_but(r, "seed"), r.order_seed if own_order else None),
+            lambda r: r.seed,
+        )
+    ],
+    # base runs equal in all but the data seed
+    "data_seeds": lambda base, branches, own_order: [
+        (a.run_id, "final", b.run_id, "final")
+        for a, b in _differing(base, lambda r: _all_but(r), lambda r: r.order_seed)
+    ],
+    # each branch against its source run
+    "branches": lambda base, branches, own_order: [
+        (_source_id(r), "final", r.run_id, "final") for r in branches
+    ],
+    # two branches of one source and entry, at one step and size, with two data orders
+    "instability": lambda base, branches, own_order: [
+        (a.run_id, "final", b.run_id, "final")
+        for a, b in _differing(branches, lambda r: _all_but(r), lambda r: r.order_seed)
+    ],
+    # each base run's init against its final weights (the monotonic-interpolation test)
+    "init_final": lambda base, branches, own_order: [
+        (r.run_id, "init", r.run_id, "final") for r in base
+    ],
+}
+
+
+def interpolation_pairs(
+    runs: dict[str, RunSpec], kinds: list[str] | tuple[str, ...], own_order: bool = False
+) -> tuple[dict[str, str], ...]:
+    """The pairs of checkpoints of a study's ``runs`` to interpolate between, of the
+    ``kinds`` asked for (listed in :data:`INTERPOLATION_KINDS` order, each in grid order):
+    each ``{pair, kind, run_a, end_a, run_b, end_b}``, an end being ``init`` (step 0) or
+    ``final``. ``pair`` is ``<kind>_<run_a>_vs_<run_b>`` (``init_final_<run>``). With
+    ``own_order`` (the study gives data_seeds) the data order is an axis of its own: a
+    ``seeds`` pair then shares it; without, it follows the seed. Kinds the runs do not
+    produce (no branches, one seed) yield no pairs."""
+    base = [r for r in runs.values() if not r.perturbation]
+    branches = [r for r in runs.values() if r.perturbation]
+    out: dict[str, dict[str, str]] = {}
+    for kind in (k for k in INTERPOLATION_KINDS if k in kinds):
+        for run_a, end_a, run_b, end_b in _INTERPOLATION_RULES[kind](base, branches, own_order):
+            pair = f"{kind}_{run_a}" + ("" if run_a == run_b else f"_vs_{run_b}")
+            out.setdefault(
+                pair,
+                {
+                    "pair": pair,
+                    "kind": kind,
+                    "run_a": run_a,
+                    "end_a": end_a,
+                    "run_b": run_b,
+                    "end_b": end_b,
+                },
+            )
+    return tuple(out.values())
 
 
 # --- the config: studies selected, variants, sources -------------------------------------

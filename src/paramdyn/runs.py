@@ -8,12 +8,17 @@ their grid coordinates and checkpoint paths from it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import paths
 from .config import RunSpec
+
+# a checkpoint's file name (checkpoints.checkpoint_name: step<8 digits>.safetensors), parsed
+# here rather than imported: that module needs torch, this one does not
+_CHECKPOINT_NAME = re.compile(r"step(\d+)\.safetensors")
 
 
 def read_info(run_dir: Path | str) -> dict[str, Any]:
@@ -64,6 +69,34 @@ class FinishedRun:
     @property
     def final_checkpoint(self) -> Path:
         return self.checkpoint_dir / self.checkpoints[-1]
+
+    @property
+    def checkpoint_steps(self) -> dict[int, str]:
+        """The step of each checkpoint the run saved: ``{step: file name}``, in step order."""
+        steps = {}
+        for name in self.checkpoints:
+            match = _CHECKPOINT_NAME.fullmatch(name)
+            if match:
+                steps[int(match.group(1))] = name
+        return steps
+
+    def checkpoint_at(self, step: int) -> Path:
+        """The run's checkpoint at ``step`` (a branch's start, ``RunSpec.branch_step``).
+        Raises ValueError listing the steps it has when it saved none there (a diverged run
+        stops early; ``checkpoint.keep_steps: false`` deletes mid-epoch ones)."""
+        steps = self.checkpoint_steps
+        if step not in steps:
+            raise ValueError(
+                f"run {self.run_id} has no checkpoint at step {step} (status {self.status}); "
+                f"its checkpoints are at steps {', '.join(map(str, steps)) or 'none'}"
+            )
+        path = self.checkpoint_dir / steps[step]
+        if not path.is_file():
+            raise ValueError(
+                f"run {self.run_id}'s checkpoint at step {step} is listed in its run.json but "
+                f"{path} is missing (deleted by checkpoint.keep_steps: false?)"
+            )
+        return path
 
     @property
     def measures(self) -> dict[str, Any]:

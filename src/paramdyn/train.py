@@ -214,7 +214,7 @@ class Run:
             model=model,
             optimizer=optimizer,
             lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total)),
-            gen=torch.Generator().manual_seed(spec.seed),
+            gen=torch.Generator().manual_seed(spec.order_seed),  # data order, augmentation
             grads=GradientRecorder(model, spec.gradients_every_steps, spec.track_grad_reached),
         )
         bf16 = spec.precision == "bf16"
