@@ -69,8 +69,9 @@ def train(smk) -> None:
 
         spec = RunSpec.from_dict(json.loads(smk.params.hparams))
         source = None
-        if spec.init_source:  # from_run: the source run's final checkpoint
-            source = FinishedRun.read(smk.input.source).final_checkpoint
+        if spec.init_source:  # the source run's final checkpoint, or its branch_step's
+            run, step = FinishedRun.read(smk.input.source), spec.branch_step
+            source = run.final_checkpoint if step is None else run.checkpoint_at(step)
         # execution settings come from the config, not params: moving a study from CPU to
         # GPU must not count as a change of its hyper-parameters
         train_run(
