@@ -189,7 +189,7 @@ def test_network_with_itself_has_zero_barrier(pair, subsets):
     bn_batches, splits = subsets
     for bn in ip.BN_MODES:
         df = ip.evaluate_path(
-            _model(), a, a, ip.alphas(5), bn_batches=bn_batches, splits=splits, bn=bn
+            _model(), a, a, [0, 0.1, 0.3, 0.7, 1], bn_batches=bn_batches, splits=splits, bn=bn
         )
         assert list(df.columns) == ["alpha", "split", "loss", "error"] and len(df) == 10
         for _, g in df.groupby("split"):
@@ -296,8 +296,12 @@ def test_barriers_known_values():
     # pair q (rows shuffled): loss 4, 1, 0 -> line 2 at .5, excess -1; error 0, .5, 1 -> 0
     for alpha, loss, error in ((1.0, 0.0, 1.0), (0.0, 4.0, 0.0), (0.5, 1.0, 0.5)):
         rows.append(("q", alpha, "test", loss, error))
+    # pair r: flat at 1/3 and 0.1, where (1 - α)·v + α·v is not v at every α of alphas()
+    for alpha in ip.alphas():
+        rows.append(("r", alpha, "test", 1 / 3, 0.1))
     df = pd.DataFrame(rows, columns=["pair", "alpha", "split", "loss", "error"])
     out = ip.barriers(df).set_index("pair")
+    assert out.loc["r", "loss_barrier"] == 0.0 and out.loc["r", "error_barrier"] == 0.0
     assert list(out.columns) == [
         "split",
         "loss_barrier",
