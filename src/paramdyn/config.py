@@ -3,6 +3,14 @@
 Light on purpose (no torch): the Snakefile calls :func:`load_studies` while it parses, so a
 bad config stops before a single job starts. Types and keys are checked by the JSON schema
 (through ``snakemake.utils.validate``); names and cross-field rules by the code below.
+
+A run's ``seed`` seeds its init; its data order and augmentation follow it unless the study
+gives ``data_seeds`` (an axis of its own). A perturbation entry branches each run it selects
+from its final weights or a chosen checkpoint (``at_step``/``at_epoch``), once per value of
+each option given as a list and per data seed; the ids name only what an entry varies, so
+the runs of a config that uses none of this keep their ids and keys (nothing retrains). The
+pairs a study compares (``similarity_pairs``) or interpolates between
+(``interpolation_pairs``) are derived from the runs here too, torch-free.
 """
 
 from __future__ import annotations
