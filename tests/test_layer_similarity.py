@@ -58,7 +58,7 @@ def gram_reference(X, Y, unbiased):
     return hsic(K, Lm) / math.sqrt(hsic(K, K) * hsic(Lm, Lm))
 
 
-# --- CKA from the stored forms --------------------------------------------------------------
+# --- CKA from the stored forms ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
@@ -71,6 +71,10 @@ def test_matches_features_linear_cka_in_every_pair_of_forms(unbiased):
             ours = L.cka(grams[a], grams[b], unbiased)
             assert ours == pytest.approx(linear_cka(A, B, unbiased), abs=1e-12)
             assert ours == pytest.approx(gram_reference(A, B, unbiased), abs=1e-10)
+    # the matrix (which forms the Gram of a features block once for its mixed-form pairs)
+    df = L.cka_matrix(grams, grams, unbiased)
+    for a, b, v in zip(df.block_a, df.block_b, df.cka, strict=True):
+        assert v == pytest.approx(linear_cka(acts[a], acts[b], unbiased), abs=1e-12)
     # the pairs are far from 1 and from each other: the agreement is not a trivial one
     assert L.cka(grams["x"], grams["y"], unbiased) < 0.95
     assert abs(L.cka(grams["x"], grams["z"]) - L.cka(grams["y"], grams["z"])) > 0.02
@@ -255,7 +259,7 @@ def test_bad_arguments():
         L.reduce_output(torch.zeros(3, 4, 5))
 
 
-# --- over checkpoints ----------------------------------------------------------------------------
+# --- over checkpoints -------------------------------------------------------------------------
 
 
 def test_cka_over_checkpoints_rises_to_one_at_the_reference():
@@ -282,7 +286,7 @@ def test_cka_over_checkpoints_rises_to_one_at_the_reference():
         L.cka_over_checkpoints(by_step)
 
 
-# --- files and checkpoints -------------------------------------------------------------------------
+# --- files and checkpoints --------------------------------------------------------------------
 
 
 def test_save_load_round_trip_reproducible(tmp_path):

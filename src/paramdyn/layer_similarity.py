@@ -46,7 +46,11 @@ HSIC_1 of Song et al. 2012 on the kernels of the centred features, with exactly 
 definitions of ``features.linear_cka`` (whose helpers are reused), so both agree to float
 rounding on the same activations. Cross terms per pair of forms: features-features
 ||Y^T X||_F^2 (O(n p q)), features-gram sum(X * (L X)) (O(n^2 p)), gram-gram sum(K * L)
-(O(n^2)). Written here rather than taken from a CKA library: those compare two activation
+(O(n^2)); :func:`cka_matrix` forms each features block's Gram once (O(n^2 p), one n x n
+alive at a time) for its pairs with Gram-form blocks, O(n^2) each. With ``mean`` the
+matrix of two ResNet-18s costs a few percent of their forward passes; with ``pool4``
+(widths near n, so O(n p q) ~ n^3 a pair) about as much as the forward passes
+(benchmarks/bench_layer_similarity.py). Written here rather than taken from a CKA library: those compare two activation
 matrices held in memory and do not keep a reusable, width-bounded per-block summary.
 
 Files: :func:`save_grams` / :func:`load_grams` (safetensors, never pickle; float64; the
@@ -81,7 +85,7 @@ class GramsError(RuntimeError):
     """An unreadable or inconsistent Grams file."""
 
 
-# --- reductions ------------------------------------------------------------------------------
+# --- reductions -------------------------------------------------------------------------------
 
 
 def _pooled(side: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -113,7 +117,7 @@ def reduce_output(x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     return x.detach().to("cpu", torch.float32, copy=True)
 
 
-# --- one block's representation -----------------------------------------------------------------
+# --- one block's representation ---------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -190,20 +194,21 @@ def from_activations(block: str, X, depth: int = 0) -> BlockGram:
     return BlockGram(block, depth, "gram", Xc @ Xc.T, p, note)
 
 
-# --- CKA from the stored forms ---------------------------------------------------------------------
+# --- CKA from the stored forms ----------------------------------------------------------------
 
 _CROSS: dict[tuple[str, str], Callable[[np.ndarray, np.ndarray], float]] = {
     ("features", "features"): lambda X, Y: _sq(Y.T @ X),
     ("features", "gram"): lambda X, L: float(np.einsum("ij,ij->", X, L @ X)),
     ("gram", "features"): lambda K, Y: float(np.einsum("ij,ij->", Y, K @ Y)),
-    ("gram", "gram"): lambda K, L: float(np.einsum("ij,ij->", K, L)),
+    ("gram", "gram"): lambda K, Lm: _sq_dot(K, Lm),
 }
 
 
-def cka(a: BlockGram, b: BlockGram, unbiased: bool = False) -> float:
+def cka(a: BlockGram, b: BlockGram, unbiased: bool = False, *, cross: float | None = None) -> float:
     """Linear CKA of two blocks' representations of the same probe samples: HSIC(K, L) /
     sqrt(HSIC(K, K) HSIC(L, L)), biased (tr(Kc Lc)) or unbiased (Song et al. 2012), as
-    ``features.linear_cka`` defines them. Raises ValueError when it is undefined."""
+    ``features.linear_cka`` defines them. ``cross``: tr(Kc Lc) when already computed.
+    Raises ValueError when it is undefined."""
     if a.n != b.n:
         raise ValueError(
             f"blocks {a.block} and {b.block} have {a.n} and {b.n} probe samples: Grams must "
@@ -212,7 +217,12 @@ def cka(a: BlockGram, b: BlockGram, unbiased: bool = False) -> float:
     for g in (a, b):
         if g.note:
             raise ValueError(f"block {g.block}: {g.note}; the similarity is undefined")
-    xy = a.self_hsic if a is b else _CROSS[(a.form, b.form)](a.matrix, b.matrix)
+    if a is b:
+        xy = a.self_hsic
+    elif cross is not None:
+        xy = cross
+    else:
+        xy = _CROSS[(a.form, b.form)](a.matrix, b.matrix)
     xx, yy = a.self_hsic, b.self_hsic
     if not unbiased:
         return xy / math.sqrt(xx * yy)
@@ -232,13 +242,39 @@ def cka(a: BlockGram, b: BlockGram, unbiased: bool = False) -> float:
     return hxy / math.sqrt(hxx * hyy)
 
 
-def _value(a: BlockGram, b: BlockGram, unbiased: bool, errors: str) -> tuple[float, str]:
+def _value(
+    a: BlockGram, b: BlockGram, unbiased: bool, errors: str, cross: float | None = None
+) -> tuple[float, str]:
     try:
-        return float(cka(a, b, unbiased)), ""
+        return float(cka(a, b, unbiased, cross=cross)), ""
     except ValueError as e:
         if errors == "raise":
             raise
         return math.nan, str(e)
+
+
+def _mixed_cross_terms(
+    blocks_a: Sequence[BlockGram], blocks_b: Sequence[BlockGram]
+) -> dict[tuple[int, int], float]:
+    """tr(Kc Lc) of every pair of a features-form block with a Gram-form block, by
+    (index in a, index in b): each features block's Gram is formed once (O(n^2 p), one n x n
+    matrix alive at a time) and met with every Gram of the other side (O(n^2) a pair),
+    instead of O(n^2 p) a pair."""
+    out: dict[tuple[int, int], float] = {}
+    for mine, other, flip in ((blocks_a, blocks_b, False), (blocks_b, blocks_a, True)):
+        grams = [(j, g) for j, g in enumerate(other) if g.form == "gram"]
+        for i, f in enumerate(mine):
+            if f.form != "features" or not grams or f.n != grams[0][1].n:
+                continue
+            K = f.matrix @ f.matrix.T
+            for j, g in grams:
+                out[(j, i) if flip else (i, j)] = _sq_dot(K, g.matrix)
+            del K
+    return out
+
+
+def _sq_dot(K: np.ndarray, Lm: np.ndarray) -> float:
+    return float(np.einsum("ij,ij->", K, Lm))
 
 
 def _check_errors(errors: str) -> None:
@@ -258,10 +294,11 @@ def cka_matrix(
     ``errors="nan"`` records an undefined value (a dead block) as NaN with the reason in
     ``note`` instead of raising."""
     _check_errors(errors)
+    mixed = _mixed_cross_terms(list(grams_a.values()), list(grams_b.values()))
     rows = []
-    for a in grams_a.values():
-        for b in grams_b.values():
-            value, note = _value(a, b, unbiased, errors)
+    for i, a in enumerate(grams_a.values()):
+        for j, b in enumerate(grams_b.values()):
+            value, note = _value(a, b, unbiased, errors, mixed.get((i, j)))
             rows.append((a.block, a.depth, b.block, b.depth, value, note))
     return pd.DataFrame(rows, columns=["block_a", "depth_a", "block_b", "depth_b", "cka", "note"])
 
@@ -310,7 +347,7 @@ def cka_over_checkpoints(
     return df.sort_values(["depth", "step"], kind="stable").reset_index(drop=True)
 
 
-# --- streaming over a model's blocks ------------------------------------------------------------
+# --- streaming over a model's blocks ----------------------------------------------------------
 
 SITES = ("output", "input")
 
