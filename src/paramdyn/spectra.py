@@ -189,7 +189,7 @@ def fit_power_law(evals: np.ndarray, *, search: str = "clauset") -> dict[str, An
     return {
         "alpha": float(law.alpha),
         "alpha_ks": float(law.D),
-        "alpha_sigma": float(law.sigma),
+        "alpha_sigma": float(law.standard_err),
         "xmin": float(fit.xmin),
         "n_tail": int(fit.n_tail),
         "reason": None,
