@@ -161,8 +161,13 @@ class BlockGram:
         }
 
 
+def _sq_dot(K: np.ndarray, Lm: np.ndarray) -> float:
+    """sum(K * L), i.e. tr(K L^T): one pass, no temporary."""
+    return float(np.einsum("ij,ij->", K, Lm))
+
+
 def _sq(m: np.ndarray) -> float:
-    return float(np.einsum("ij,ij->", m, m))
+    return _sq_dot(m, m)
 
 
 def _note(X: np.ndarray, mean: np.ndarray, colsq: np.ndarray) -> str:
@@ -271,10 +276,6 @@ def _mixed_cross_terms(
                 out[(j, i) if flip else (i, j)] = _sq_dot(K, g.matrix)
             del K
     return out
-
-
-def _sq_dot(K: np.ndarray, Lm: np.ndarray) -> float:
-    return float(np.einsum("ij,ij->", K, Lm))
 
 
 def _check_errors(errors: str) -> None:
