@@ -26,6 +26,7 @@ include: "rules/train.smk"
 include: "rules/measures.smk"
 include: "rules/features.smk"
 include: "rules/plots.smk"
+include: "rules/basins.smk"
 include: "rules/findings.smk"
 
 

@@ -15,6 +15,7 @@ ENV = "../envs/paramdyn.yaml"
 wildcard_constraints:
     study="|".join(STUDIES) or "NO-STUDY",
     run_id="[^/]+",
+    pair="[^/]+",
     dataset="|".join(catalog.DATASETS),
 
 
@@ -94,6 +95,7 @@ def study_targets():
             ]
         if any(s.perturbation for s in STUDIES[study].runs.values()):
             targets += [table("perturbations", study), figure("perturbations", study)]
+        targets += basin_targets(study)
     return targets
 
 
@@ -118,3 +120,59 @@ def download_marker(wildcards):
     if catalog.DATASETS[wildcards.dataset].source == "torchvision":
         return [paths.download_marker(wildcards.dataset)]
     return []
+
+
+# --- same basin: the study's interpolation pairs ---------------------------------------------
+
+# the figures of rule plot_barriers
+BARRIER_FIGURES = (
+    "barrier_path_error",
+    "barrier_path_loss",
+    "barrier_heights",
+    "pair_distances",
+)
+
+
+def interpolation_pairs(study):
+    """The study's interpolation pairs as plain dicts (pair, kind, run_a, end_a, run_b,
+    end_b), or none when its interpolation is off."""
+    s = STUDIES[study]
+    if not s.interpolation.get("enabled"):
+        return []
+    return [p if isinstance(p, dict) else asdict(p) for p in s.interpolation_pairs]
+
+
+def interpolation_pair(wildcards):
+    for pair in interpolation_pairs(wildcards.study):
+        if pair["pair"] == wildcards.pair:
+            return pair
+    raise ValueError(
+        f"no interpolation pair {wildcards.pair} in study {wildcards.study}"
+    )
+
+
+def pair_inputs(wildcards):
+    """The two runs of a pair (their run.json, written last) and the dataset."""
+    pair = interpolation_pair(wildcards)
+    run = STUDIES[wildcards.study].runs[pair["run_a"]]
+    return {
+        "run_a": paths.run_file(paths.RUN_JSON, wildcards.study, pair["run_a"]),
+        "run_b": paths.run_file(paths.RUN_JSON, wildcards.study, pair["run_b"]),
+        "dataset": paths.dataset_file(run.dataset),
+    }
+
+
+def pair_paths(study, filename):
+    return [
+        paths.pair_file(filename, study, p["pair"]) for p in interpolation_pairs(study)
+    ]
+
+
+def basin_targets(study):
+    if not interpolation_pairs(study):
+        return []
+    return [
+        paths.study_table("barriers", study),
+        paths.study_table("pair_distances", study),
+        *[paths.figure(name, study) for name in BARRIER_FIGURES],
+    ]

@@ -192,15 +192,19 @@ def test_perturbations_branch_from_the_runs_their_where_selects():
     branches = [r for r in runs.values() if r.perturbation]
     # 2 models x 2 optimizers x 3 seeds; the three perturbations branch from the SGD runs
     assert len(runs) - len(branches) == 12
-    assert len(branches) == 3 * 6
+    # the study's three from the 6 SGD runs; the sweep (2 sizes) and the instability
+    # branches (2 steps x 2 data orders) from the 3 SGD LeNets
+    assert len(branches) == 3 * 6 + 2 * 3 + 4 * 3
     assert {r.optimizer for r in branches} == {"sgd"}
+    assert {r.model for r in branches if r.perturbation in ("offset-sweep", "instability")} == {
+        "lenet5"
+    }
     assert all("where" not in r.perturbation_options for r in branches)
-    # the default study (no where): every run branches
+    # the default study: the three branch from every run
     cfg["variant"] = "default"
     runs = load_studies(cfg, DEFAULT_SCHEMA)["dynamics"].runs
-    assert sum(bool(r.perturbation) for r in runs.values()) == 3 * sum(
-        not r.perturbation for r in runs.values()
-    )
+    three = [r for r in runs.values() if r.perturbation in ("identity", "sign-flip", "offset")]
+    assert len(three) == 3 * sum(not r.perturbation for r in runs.values())
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -66,6 +67,8 @@ def test_dry_run_lists_the_grid(tmp_path):
     assert counts["features"] == 8 and counts["perturbation"] == 4
     assert counts["prepare_dataset"] == 1 and counts["plot_distances"] == 1
     assert counts["findings"] == 1
+    # 2 seed pairs (residual, plain) and 4 branches against their sources
+    assert counts["interpolate"] == 6 and counts["plot_barriers"] == 1
 
 
 def test_run_outputs(tiny):
@@ -152,6 +155,7 @@ def test_figures(tiny):
     names = [f"distance_vs_depth_{n}" for n in ("init", "previous", "init_raw", "previous_raw")]
     names += ["distance_vs_depth_average", "accuracy", "loss", "gradients_vs_depth", "cka"]
     names += ["feature_correlation", "perturbations", "frozen", "change"]
+    names += ["barrier_path_error", "barrier_path_loss", "barrier_heights", "pair_distances"]
     for name in names:
         png = figures / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -260,17 +264,39 @@ def test_findings(tiny):
     documented = documented.split()
     assert list(f.columns[: len(documented)]) == documented
     claims = f[f.kind == "claim"]
-    assert list(dict.fromkeys(claims.claim)) == ["gap", "trend", "flip"]
+    assert list(dict.fromkeys(claims.claim)) == ["gap", "trend", "flip", "flip-basin"]
     assert sorted(claims[claims.claim == "trend"].group) == ["shortcut=plain", "shortcut=residual"]
     assert (claims.n_seeds == 2).all() and claims.statistic.notna().all()
     assert (claims.verdict == "inconclusive").all()  # 2 seeds: too few for a verdict
     assert claims.ci_low.notna().all()  # but the interval is there
     flip = claims[claims.claim == "flip"].iloc[0]
     assert flip.statistic > 1  # θ2 is about −θ1 away: ‖θ1 − θ2‖ ≈ 2‖θ1‖
+    basin = claims[claims.claim == "flip-basin"].iloc[0]
+    assert basin.n_seeds == 2 and math.isfinite(basin.statistic)
     train = f[f.kind == "training"]
     assert len(train) == 2 and (train.verdict == "unchecked").all()  # no min_accuracy
     md = (study / "findings.md").read_text()
     assert "| gap | residual trains better |" in md and "## Training check" in md
+
+
+def test_barriers_and_pair_distances(tiny):
+    work, _ = tiny
+    study = work / "results" / "tiny"
+    b = pq.read_table(study / "barriers.parquet").to_pandas()
+    assert set(b.kind) == {"seeds", "branches"} and b.pair.nunique() == 6
+    assert set(b.alignment) == {"none", "weight_matching"} and set(b.split) == {"train", "test"}
+    per_path = b.groupby(["pair", "alignment", "split"])
+    assert (per_path.size() == 5).all()  # 5 points, alpha 0 to 1
+    assert (per_path.alpha.min() == 0).all() and (per_path.alpha.max() == 1).all()
+    # one barrier per path, repeated on its rows; the sign flip's branches keep their label
+    assert (per_path.error_barrier.nunique() == 1).all()
+    assert set(b[b.kind == "branches"].perturbation) == {"sign-flip"}
+    assert b.loss.notna().all() and b.error.between(0, 1).all()
+    d = pq.read_table(study / "pair_distances.parquet").to_pandas()
+    sq = d[d.granularity == "tensor"].assign(sq=lambda x: x.l2**2)
+    total = sq.groupby(["pair", "alignment"]).sq.sum().unstack()
+    # weight matching only ever improves on the identity permutation
+    assert (total["weight_matching"] <= total["none"] * (1 + 1e-6)).all()
 
 
 def test_frozen_shares(tiny):

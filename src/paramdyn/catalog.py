@@ -325,7 +325,8 @@ def describe(registry: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class ClaimParam:
-    # "filter" {column: value | [values]}, "columns" [column...], "choice", "string", "bool"
+    # "filter" {column: value | [values]}, "columns" [column...], "choice", "string", "bool",
+    # "number"
     kind: str
     doc: str
     default: Any = None
@@ -348,6 +349,27 @@ _B = ClaimParam("filter", "group B: {column: value or [values]}", required=True)
 _EXCLUDE_ENDS = ClaimParam(
     "bool", "leave out the stem (first depth) and the classifier (last depth)", True
 )
+
+PAIR_KINDS = ("seeds", "data_seeds", "branches", "instability", "init_final")
+# the parameters of the barrier tests: which pairs, which path, which barrier
+_BARRIER = {
+    "kind": ClaimParam("choice", "the pairs' kind", required=True, choices=PAIR_KINDS),
+    "branch": ClaimParam("string", "branches, instability: the perturbation's label"),
+    "size": ClaimParam("number", "branches, instability: the perturbation's size (ε, scale)"),
+    "alignment": ClaimParam(
+        "choice",
+        "the path as trained, or after permutation alignment (weight matching)",
+        "none",
+        choices=("none", "weight_matching"),
+    ),
+    "measure": ClaimParam(
+        "choice",
+        "error or loss barrier",
+        "error_barrier",
+        choices=("error_barrier", "loss_barrier"),
+    ),
+    "split": ClaimParam("choice", "evaluated on", "test", choices=("test", "train")),
+}
 
 CLAIM_TESTS: dict[str, ClaimTestSpec] = {
     t.name: t
@@ -500,6 +522,23 @@ CLAIM_TESTS: dict[str, ClaimTestSpec] = {
                 ),
                 "exclude_ends": _EXCLUDE_ENDS,
             },
+        ),
+        ClaimTestSpec(
+            "barrier",
+            "a pair's barrier along the straight path between its two checkpoints: the "
+            "largest excess of the error (or loss) over the line between the endpoint "
+            "values, on fixed subsets (barriers.parquet; pairs of the study's "
+            "interpolation)",
+            ("barriers",),
+            {**_BARRIER, "where": _WHERE, "by": _BY},
+        ),
+        ClaimTestSpec(
+            "barrier_step_change",
+            "instability against the branching step: a source run's barrier at its latest "
+            "branching step minus its barrier at its earliest (< 0: branching later lands "
+            "in one basin more often)",
+            ("barriers",),
+            {**_BARRIER, "where": _WHERE, "by": _BY},
         ),
     ]
 }

@@ -582,7 +582,11 @@ def _resolve_study(name: str, study: dict[str, Any], problems: Problems) -> Stud
         similarity_pairs=_pairs(runs, study["similarity"]["pairs"], own_order),
         interpolation=interpolation,
         interpolation_pairs=(
-            interpolation_pairs(runs, interpolation["pairs"], own_order)
+            interpolation_pairs(
+                _interpolated_runs(key, runs, interpolation, problems),
+                interpolation["pairs"],
+                own_order,
+            )
             if interpolation["enabled"]
             else ()
         ),
@@ -945,6 +949,13 @@ def _source_id(run: RunSpec) -> str:
     return run.init_source.split("/", 1)[1]
 
 
+def _instability_members(branches: list[RunSpec]) -> set[str]:
+    """The branches that have a twin: the same source, entry, step and size, another data
+    order."""
+    pairs = _differing(branches, lambda r: _all_but(r), lambda r: r.order_seed)
+    return {r.run_id for pair in pairs for r in pair}
+
+
 # kind -> the (run_a, end_a, run_b, end_b) of its pairs, from (base runs, branches, own order)
 _INTERPOLATION_RULES = {
     # base runs equal in all but the init seed (and, without data_seeds, the data order
@@ -962,9 +973,12 @@ _INTERPOLATION_RULES = {
         (a.run_id, "final", b.run_id, "final")
         for a, b in _differing(base, lambda r: _all_but(r), lambda r: r.order_seed)
     ],
-    # each branch against its source run
+    # each branch against its source run (but the branches of an instability pair, which
+    # are compared with each other)
     "branches": lambda base, branches, own_order: [
-        (_source_id(r), "final", r.run_id, "final") for r in branches
+        (_source_id(r), "final", r.run_id, "final")
+        for r in branches
+        if r.run_id not in _instability_members(branches)
     ],
     # two branches of one source and entry, at one step and size, with two data orders
     "instability": lambda base, branches, own_order: [
@@ -976,6 +990,17 @@ _INTERPOLATION_RULES = {
         (r.run_id, "init", r.run_id, "final") for r in base
     ],
 }
+
+
+def _interpolated_runs(
+    key: str, runs: dict[str, RunSpec], interpolation: dict[str, Any], problems: Problems
+) -> dict[str, RunSpec]:
+    """The runs whose pairs are interpolated: those matching ``interpolation.where`` (grid
+    coordinates, as a perturbation's ``where``), branches included; all without it."""
+    if not interpolation.get("where"):
+        return runs
+    kept = _branch_sources(f"{key}/interpolation/where", runs, interpolation, problems)
+    return {r.run_id: r for r in kept}
 
 
 def interpolation_pairs(
@@ -1215,6 +1240,9 @@ def _check_param(
     elif param.kind == "bool":
         if not isinstance(value, bool):
             problems.add(where, "give true or false")
+    elif param.kind == "number":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            problems.add(where, "give a number")
     elif param.kind == "string" and value is not None and not isinstance(value, str):
         problems.add(where, "give a string")
 
@@ -1330,6 +1358,8 @@ def _untested(study: Study, test: str, params: dict[str, Any]) -> str:
         return ""
     runs = list(study.runs.values())
     where = params.get("where") or {}
+    if test in ("barrier", "barrier_step_change"):
+        return _untested_pairs(study, params)
     if test == "perturbation_return":
         for k in ("branch", "control"):
             label = params.get(k)
@@ -1343,6 +1373,18 @@ def _untested(study: Study, test: str, params: dict[str, Any]) -> str:
         if not any(_matches(r, where, f) for r in runs):
             return f"no run of {study.name} matches {({**where, **f}) or 'the claim'}"
     return ""
+
+
+def _untested_pairs(study: Study, params: dict[str, Any]) -> str:
+    """Why ``study`` has no interpolation pair a barrier claim could read ('' when it has)."""
+    kind, branch = params["kind"], params.get("branch")
+    pairs = [p for p in study.interpolation_pairs if p["kind"] == kind]
+    if branch:
+        pairs = [p for p in pairs if study.runs[p["run_b"]].perturbation == branch]
+    if pairs:
+        return ""
+    what = f"'{kind}' pairs" + (f" of '{branch}' branches" if branch else "")
+    return f"the interpolation of {study.name} has no {what} (interpolation.enabled, pairs)"
 
 
 def missing_files(dataset: str, data_dir: Path | str) -> list[str]:

@@ -306,6 +306,40 @@ def _gradient_ratio(t, runs, p):
     return _per_run(rows, runs)
 
 
+def _pair_barriers(t, runs, p) -> pd.DataFrame:
+    """One row per pair of ``barriers.parquet`` matching the claim's kind, branch, size,
+    alignment and split, with ``value`` its barrier; ``run_id`` is its run_b (the branch)
+    and ``seed`` its run_a's (a branch's source seed)."""
+    b = t["barriers"]
+    b = b[(b["kind"] == p["kind"]) & (b["alignment"] == p["alignment"])]
+    b = b[b["split"] == p["split"]].drop_duplicates("pair")
+    if p.get("size") is not None:
+        b = b[np.isclose(b["perturbation_value"].astype(float), float(p["size"]), rtol=1e-9)]
+    filters = [p["where"]]
+    if p.get("branch"):
+        filters.append({"perturbation": p["branch"]})
+    elif p["kind"] in ("branches", "instability"):
+        filters.append({"perturbation": sorted(set(b["perturbation"]))})
+    b = select(b.assign(diverged=b["status"] == "diverged"), *filters)
+    return b.assign(run_id=b["run_b"], value=b[p["measure"]].astype(float))
+
+
+def _barrier(t, runs, p):
+    b = _pair_barriers(t, runs, p)
+    return b[[*GRID, "run_id", "seed", "diverged", "value"]].reset_index(drop=True)
+
+
+def _barrier_step_change(t, runs, p):
+    b = _pair_barriers(t, runs, p)
+    rows = []
+    for _, g in b.groupby([*GRID, "seed"], sort=True, dropna=False):
+        by_step = g.groupby("branch_step")["value"].mean().sort_index()
+        value = by_step.iloc[-1] - by_step.iloc[0] if len(by_step) > 1 else math.nan
+        rows.append({**g.iloc[0][[*GRID, "run_id", "seed"]].to_dict(), "value": value})
+        rows[-1]["diverged"] = bool(g["diverged"].any())
+    return pd.DataFrame(rows, columns=[*GRID, "run_id", "seed", "diverged", "value"])
+
+
 def _per_run(rows: list[dict], runs: pd.DataFrame) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=["run_id", "value"])
     df = df.merge(runs, on="run_id", how="left")
@@ -319,8 +353,12 @@ STATISTICS: dict[str, Callable[[dict, pd.DataFrame, dict], pd.DataFrame]] = {
     "perturbation_return": _perturbation_return,
     "feature_correlation_gap": _feature_correlation_gap,
     "gradient_ratio": _gradient_ratio,
+    "barrier": _barrier,
+    "barrier_step_change": _barrier_step_change,
 }
 PAIRED = {"accuracy_gap", "feature_correlation_gap"}  # tests of group A against group B
+# tests whose statistic selects its own rows (branches included)
+SELECTED = {"perturbation_return", "barrier", "barrier_step_change"}
 
 
 # --- claims -> rows ---------------------------------------------------------------------------
@@ -389,7 +427,7 @@ def claim_rows(claim: dict[str, Any], t: dict[str, pd.DataFrame], runs: pd.DataF
                 )
             )
         return out
-    per_run = select(per_run, p["where"], {}) if claim["test"] != "perturbation_return" else per_run
+    per_run = per_run if claim["test"] in SELECTED else select(per_run, p["where"], {})
     if per_run.empty:
         return [_row(base, "all", pd.Series(dtype=float), 0, 0, 0, "no run matches")]
     for k, g in _groups(per_run, by):

@@ -234,3 +234,29 @@ def findings(smk) -> None:
         write_findings(df, smk.output.parquet, smk.output.markdown, study)
         for kind, rows in df.groupby("kind"):
             log.info("%s: %s", kind, rows["verdict"].value_counts().to_dict())
+
+
+def interpolate(smk) -> None:
+    from .basins import pair_analysis
+
+    with _logged(smk) as log:
+        pair = dict(smk.params.pair)
+        ends = [pair[k] for k in ("run_a", "end_a", "run_b", "end_b")]
+        log.info("pair %s (%s): %s/%s -> %s/%s", pair["pair"], pair["kind"], *ends)
+        pair_analysis(
+            pair,
+            Path(smk.input.run_a).parent,
+            Path(smk.input.run_b).parent,
+            smk.input.dataset,
+            dict(smk.params.settings),
+            smk.output.path,
+            smk.output.distances,
+            device=smk.config.get("device", "auto"),
+        )
+
+
+def plot_barriers(smk) -> None:
+    from .basin_plots import plot_all
+
+    with _logged(smk):
+        plot_all(smk.input.barriers, smk.input.pair_distances, dict(smk.output.items()))

@@ -44,6 +44,11 @@ def work_dir(study: str = "{study}", run_id: str = "{run_id}") -> str:
     return f"{RESULTS}/.work/{study}/{run_id}"
 
 
+def pair_file(filename: str, study: str = "{study}", pair: str = "{pair}") -> str:
+    """A file of one interpolation pair (``path.parquet``, ``distances.parquet``)."""
+    return f"{study_dir(study)}/pairs/{pair}/{filename}"
+
+
 def study_table(name: str, study: str = "{study}") -> str:
     """A study's table (``distances``, ``history``, …) as Parquet."""
     return f"{study_dir(study)}/{name}.parquet"

@@ -397,7 +397,8 @@ def perturbation_summary(
 
 def branch_table(source_dir, branch_dir, out) -> Any:
     """``perturbation.parquet`` of one perturb-and-retrain branch: a ``model`` row with the
-    :func:`perturbation_summary` norms of θ1 (the source run's final weights), θ_start (the
+    :func:`perturbation_summary` norms of θ1 (the source run's final weights, or its
+    checkpoint at the branch's ``branch_step``), θ_start (the
     branch's step 0: the perturbed weights) and θ2 (the branch's final weights), the test
     accuracy before (the source run) and after (the branch), and the grid coordinates; then
     one ``block`` row per building block with the same distances over that block's
@@ -413,7 +414,8 @@ def branch_table(source_dir, branch_dir, out) -> Any:
     from .runs import FinishedRun
 
     src, br = FinishedRun.read(source_dir), FinishedRun.read(branch_dir)
-    theta1 = read_checkpoint(src.final_checkpoint)
+    step = br.spec.branch_step  # a branch from a chosen step: θ1 is the source there
+    theta1 = read_checkpoint(src.final_checkpoint if step is None else src.checkpoint_at(step))
     start = read_checkpoint(br.first_checkpoint)
     theta2 = read_checkpoint(br.final_checkpoint)
     summary = perturbation_summary(theta1.tensors, start.tensors, theta2.tensors, theta1.parameters)

@@ -112,7 +112,7 @@ def evaluate(model: torch.nn.Module, data: DeviceData, split: str, batch_size: i
 
 def initial_model(spec: RunSpec, init_checkpoint: Path | str | None) -> torch.nn.Module:
     """The run's model at step 0: built and initialised by its init, or (a perturbation
-    branch) the source run's final weights, perturbed."""
+    branch) the source run's final weights (or its checkpoint at ``branch_step``), perturbed."""
     model = build_model(spec.model_name, spec.dataset, spec.model_settings, spec.inputs)
     if spec.perturbation:
         options = dict(spec.perturbation_options)

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 TINY = Path(__file__).resolve().with_name("tiny.yaml")
-EXTRAS = ("gradients", "perturbations", "features", "claims")
+EXTRAS = ("gradients", "perturbations", "features", "interpolation", "claims")
 
 
 def load() -> dict:

@@ -1,0 +1,5 @@
+"""Snakemake script of rule(s) 'interpolate': see paramdyn.jobs.interpolate."""
+
+from paramdyn.jobs import interpolate
+
+interpolate(snakemake)
