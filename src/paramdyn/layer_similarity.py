@@ -47,10 +47,12 @@ definitions of ``features.linear_cka`` (whose helpers are reused), so both agree
 rounding on the same activations. Cross terms per pair of forms: features-features
 ||Y^T X||_F^2 (O(n p q)), features-gram sum(X * (L X)) (O(n^2 p)), gram-gram sum(K * L)
 (O(n^2)); :func:`cka_matrix` forms each features block's Gram once (O(n^2 p), one n x n
-alive at a time) for its pairs with Gram-form blocks, O(n^2) each. With ``mean`` the
-matrix of two ResNet-18s costs a few percent of their forward passes; with ``pool4``
-(widths near n, so O(n p q) ~ n^3 a pair) about as much as the forward passes
-(benchmarks/bench_layer_similarity.py). Written here rather than taken from a CKA library: those compare two activation
+alive at a time) for its pairs with Gram-form blocks, O(n^2) each. On two ResNet-18s
+(width 16, n = 1,000; benchmarks/bench_layer_similarity.py) the matrix takes about 1% of
+their forward passes with ``mean`` and about a quarter with ``pool4`` (widths near n: O(n p
+q) ~ n^3 a pair), with numpy's BLAS on one thread: on a loaded machine its default threads
+can make it 10-50 times slower, so a job should limit them to its cores (threadpoolctl).
+Written here rather than taken from a CKA library: those compare two activation
 matrices held in memory and do not keep a reusable, width-bounded per-block summary.
 
 Files: :func:`save_grams` / :func:`load_grams` (safetensors, never pickle; float64; the
