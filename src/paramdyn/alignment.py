@@ -509,8 +509,8 @@ def _terms(spec: PermutationSpec, a: StateDict, b: StateDict, dtype) -> dict[str
     for key, groups in spec.axes.items():  # state order: the same sums in every process
         if key not in spec.params or all(g is None for g in groups):
             continue
-        ta, pos = _split(a[key].detach().to(dtype), spec.blocks[key])
-        tb, _ = _split(b[key].detach().to(dtype), spec.blocks[key])
+        ta, pos = _split(a[key].detach().to("cpu", dtype), spec.blocks[key])  # scipy's side
+        tb, _ = _split(b[key].detach().to("cpu", dtype), spec.blocks[key])
         for axis, g in enumerate(groups):
             if g is None:
                 continue
