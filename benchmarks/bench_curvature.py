@@ -1,0 +1,122 @@
+"""curvature: the top Hessian eigenvalue of a ResNet-18 checkpoint against the Hessian-vector
+products (HVPs) it is made of.
+
+Model: ``resnet18-basic-residual`` for CIFAR-10 (ImageNet stem, width 64: 11.2M
+parameters), seeded random init with non-trivial BatchNorm running statistics (a few
+training-mode passes over other random images), in eval mode. Subset: 128 random
+CIFAR-size images with random labels (``_train.random_cifar``) in 2 batches of 64. The
+CIFAR-form ``resnet18-cifar`` (no stem down-sampling, 16x the arithmetic per image) would
+take minutes per eigenvalue on a 2-core CPU, so the ImageNet-stem form is measured.
+
+Ours is :func:`paramdyn.curvature.top_eigenvalue` (tol 1e-3, ARPACK Lanczos via eigsh,
+default ncv) from start to result, residual check included. The baseline is one bare
+``torch.func`` HVP on the same subset: ``jvp(grad(loss))`` of each batch, summed, with the
+parameters as a dict, nothing else. ratio = ours / (HVPs ours used x the bare HVP), i.e. the
+cost of everything around the HVPs (scipy, conversions, the eval-mode switch). Goal <= 1.2.
+Interleaved rounds, best of each; torch's default threads. For information: the HVP over
+one forward+backward of the subset, and the other exact HVPs (reverse-over-reverse: ``vjp``
+of ``grad``; double backward with ``torch.autograd.grad``) over ours (forward-over-reverse).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from _bench import best_of, report
+from _train import random_cifar
+from torch.func import functional_call, grad, jvp, vjp
+
+from paramdyn.curvature import top_eigenvalue
+from paramdyn.models import build_model
+
+ROUNDS = 2
+
+
+def setup():
+    torch.manual_seed(0)
+    model = build_model("resnet18-basic-residual", "cifar10")
+    x, y, bn_x, _ = random_cifar(128, 256)
+
+    def norm(u):
+        return (torch.from_numpy(u).float() / 255.0 - 0.5) / 0.25
+
+    with torch.no_grad():  # BatchNorm running statistics from other images: not 0/1
+        model.train()
+        for i in range(0, 256, 64):
+            model(norm(bn_x[i : i + 64]) * 1.5 + 0.2)
+    model.eval()
+    xs, ys = norm(x), torch.from_numpy(y)
+    return model, [(xs[i : i + 64], ys[i : i + 64]) for i in range(0, 128, 64)]
+
+
+def kernels(model, batches):
+    """The bare HVPs (three exact ways) and one forward+backward, on the whole subset."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+
+    def loss(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x,)), y) * (len(y) / 128)
+
+    def fwd_rev():
+        out = None
+        for x, y in batches:
+            _, hv = jvp(lambda p, x=x, y=y: grad(loss)(p, x, y), (params,), (v,))
+            out = hv if out is None else {k: out[k].add_(hv[k]) for k in out}
+        return out
+
+    def rev_rev():
+        for x, y in batches:
+            _, pull = vjp(lambda p, x=x, y=y: grad(loss)(p, x, y), params)
+            pull(v)
+
+    def double_backward():
+        ps = {k: p.clone().requires_grad_() for k, p in params.items()}
+        for x, y in batches:
+            g = torch.autograd.grad(loss(ps, x, y), list(ps.values()), create_graph=True)
+            torch.autograd.grad(g, list(ps.values()), grad_outputs=list(v.values()))
+
+    def fwd_bwd():
+        ps = {k: p.clone().requires_grad_() for k, p in params.items()}
+        for x, y in batches:
+            torch.autograd.grad(loss(ps, x, y), list(ps.values()))
+
+    return {"hvp": fwd_rev, "rev_rev": rev_rev, "double": double_backward, "fb": fwd_bwd}
+
+
+def main() -> None:
+    start = time.perf_counter()
+    model, batches = setup()
+    n = sum(p.numel() for p in model.parameters())
+    print(f"resnet18-basic-residual, {n:,} parameters; subset 128 images in 2 batches of 64; "
+          f"{torch.get_num_threads()} torch threads, cpus {os.cpu_count()}")  # fmt: skip
+    fns = kernels(model, batches)
+    best = {k: float("inf") for k in [*fns, "ours"]}
+    result = None
+    for i in range(ROUNDS + 1):
+        for name, fn in fns.items():
+            t, _ = best_of(fn, 2 if name == "hvp" else 1)
+            best[name] = min(best[name], t) if i else best[name]
+        if i:  # the first round warms up the kernels only: ours runs ROUNDS times
+            t, result = best_of(lambda: top_eigenvalue(model, batches), 1)
+            best["ours"] = min(best["ours"], t)
+    hvp, hvps = best["hvp"], result["hvps"]
+    print(f"one forward+backward: {best['fb']:.3f} s; one HVP (forward-over-reverse): "
+          f"{hvp:.3f} s = {hvp / best['fb']:.2f} forward+backward")  # fmt: skip
+    print(f"other exact HVPs over ours: reverse-over-reverse {best['rev_rev'] / hvp:.2f}, "
+          f"double backward {best['double'] / hvp:.2f}")  # fmt: skip
+    print(f"top eigenvalue {result['value']:.4g}: {result['iterations']} Lanczos steps, "
+          f"{hvps} HVPs, residual {result['residual']:.1e}, converged {result['converged']}; "
+          f"{best['ours']:.2f} s")  # fmt: skip
+    print(f"total benchmark time {time.perf_counter() - start:.0f} s")
+    report(
+        "curvature",
+        best["ours"] / (hvps * hvp),
+        "top-eigenvalue seconds over its HVPs x one bare torch.func HVP",
+    )
+
+
+if __name__ == "__main__":
+    main()
