@@ -7,8 +7,8 @@ linear weights as they are (out x in), convolution weights reshaped to out x (in
 matrix the convolution applies to each unrolled input patch). One-dimensional tensors
 (biases, BatchNorm weights) have no spectrum and are skipped. From the singular values
 sigma_1 >= ... of W (``torch.linalg.svdvals`` in float64, on the tall orientation of W:
-the singular values of W and W^T are the same, and torch's LAPACK path is ten times
-slower on a wide matrix than on its transpose):
+the singular values of W and W^T are the same, and torch's LAPACK path is 6 times slower
+on a 512 x 4608 matrix than on its transpose, one thread; more with two):
 
 - ``spectral_norm`` sigma_1, ``frobenius_norm`` sqrt(sum sigma_i^2);
 - ``stable_rank`` ||W||_F^2 / ||W||_2^2 (NaN for a zero matrix);
@@ -93,7 +93,7 @@ def weight_matrix(tensor: torch.Tensor) -> torch.Tensor:
 
 def singular_values(matrix: torch.Tensor) -> np.ndarray:
     """The singular values of ``matrix``, descending, in float64 (computed on the tall one
-    of W and W^T: same values, and LAPACK through torch is far faster on it)."""
+    of W and W^T: same values, and LAPACK through torch is several times faster on it)."""
     tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
     return torch.linalg.svdvals(tall.to(torch.float64)).cpu().numpy()
 
