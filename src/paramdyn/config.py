@@ -169,6 +169,9 @@ class Study:
     # run_a, end_a, run_b, end_b}, an end being "init" (step 0) or "final"
     interpolation: dict[str, Any] = field(default_factory=dict)
     interpolation_pairs: tuple[dict[str, str], ...] = ()
+    # the study's `analyses` (analyses.ANALYSES; defaults filled in), each {enabled, ...};
+    # not hyper-parameters: no RunSpec holds them
+    analyses: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _schema_error(err: Any) -> str:
@@ -590,7 +593,38 @@ def _resolve_study(name: str, study: dict[str, Any], problems: Problems) -> Stud
             if interpolation["enabled"]
             else ()
         ),
+        analyses=_analyses(key, runs, study.get("analyses") or {}, problems),
     )
+
+
+def _analyses(
+    key: str, runs: dict[str, RunSpec], settings: dict[str, Any], problems: Problems
+) -> dict[str, dict[str, Any]]:
+    """The study's ``analyses`` settings, checked: a log-spaced selection needs room for
+    step 0 and the final step, a ``where`` names grid columns and keeps some run."""
+    out = {name: dict(options) for name, options in settings.items()}
+    for name, options in out.items():
+        if not options.get("enabled"):
+            continue
+        where = f"{key}/analyses/{name}"
+        most = options.get("max_checkpoints")
+        if options.get("checkpoints") == "log_steps" and most is not None and most < 2:
+            problems.add(
+                f"{where}/max_checkpoints",
+                f"{most} leaves no room for step 0 and the final step of log_steps; use >= 2",
+            )
+        unknown = sorted(set(options.get("where") or {}) - set(columns.BRANCH_FILTERS))
+        if unknown:
+            problems.add(
+                f"{where}/where",
+                f"unknown columns {unknown}; filter on {', '.join(columns.BRANCH_FILTERS)}",
+            )
+        elif runs and not any(
+            not r.perturbation and _matches(r, dict(options.get("where") or {}))
+            for r in runs.values()
+        ):
+            problems.add(f"{where}/where", f"{options['where']} matches none of the study's runs")
+    return out
 
 
 def _optimizer_settings(
