@@ -27,6 +27,7 @@ include: "rules/measures.smk"
 include: "rules/features.smk"
 include: "rules/plots.smk"
 include: "rules/basins.smk"
+include: "rules/analyses.smk"
 include: "rules/findings.smk"
 
 

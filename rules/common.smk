@@ -96,6 +96,7 @@ def study_targets():
         if any(s.perturbation for s in STUDIES[study].runs.values()):
             targets += [table("perturbations", study), figure("perturbations", study)]
         targets += basin_targets(study)
+        targets += analysis_targets(study)
     return targets
 
 
@@ -176,3 +177,48 @@ def basin_targets(study):
         paths.study_table("pair_distances", study),
         *[paths.figure(name, study) for name in BARRIER_FIGURES],
     ]
+
+
+# --- offline analyses: curvature, weight spectra, layer-wise CKA (paramdyn.analyses) ----------
+
+# the figures of rule plot_analyses, by analysis
+ANALYSIS_FIGURES = {
+    "curvature": ("sharpness_vs_step",),
+    "spectra": ("spectra_vs_depth",),
+    "layer_similarity": ("layer_cka_pairs", "layer_cka_over_steps"),
+}
+
+
+def analysis_options(study, name):
+    return STUDIES[study].analyses.get(name) or {}
+
+
+def analysis_runs(study, name):
+    """The runs an enabled analysis of the study reads (none when it is off)."""
+    from paramdyn.analyses import analysed_runs
+
+    options = analysis_options(study, name)
+    if not options.get("enabled"):
+        return []
+    return analysed_runs(STUDIES[study].runs, options.get("where"))
+
+
+def analysis_tables(study, name, filename):
+    return run_paths(study, filename, analysis_runs(study, name))
+
+
+def layer_similarity_pairs(study):
+    from paramdyn.analyses import layer_pairs
+
+    runs = STUDIES[study].runs
+    kept = {r: runs[r] for r in analysis_runs(study, "layer_similarity")}
+    return layer_pairs(kept, analysis_options(study, "layer_similarity").get("pairs", []))
+
+
+def analysis_targets(study):
+    targets = []
+    for name, figures in ANALYSIS_FIGURES.items():
+        if analysis_runs(study, name):
+            targets += [paths.study_table(name, study)]
+            targets += [paths.figure(f, study) for f in figures]
+    return targets

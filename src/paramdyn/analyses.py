@@ -183,12 +183,19 @@ def layer_pairs(runs: Mapping[str, Any], kinds: Sequence[str]) -> list[tuple[str
     return pairs
 
 
+def matches(spec, where: Mapping[str, Any] | None) -> bool:
+    """Whether a RunSpec's grid coordinates match ``where`` ({column: value or [values]},
+    compared as strings, so ``seed: 0`` matches seed 0)."""
+    return all(
+        str(getattr(spec, k)) in {str(x) for x in (v if isinstance(v, list) else [v])}
+        for k, v in (where or {}).items()
+    )
+
+
 def analysed_runs(runs: Mapping[str, Any], where: Mapping[str, Any] | None = None) -> list[str]:
     """The run ids an analysis reads: the grid's runs (branches left out) matching ``where``
     ({grid column: value or [values]}, as interpolation's; {} or None = all)."""
-    from .config import _matches
-
-    return [r for r, s in runs.items() if not s.perturbation and _matches(s, dict(where or {}))]
+    return [r for r, s in runs.items() if not s.perturbation and matches(s, where)]
 
 
 # --- the per-run functions ---------------------------------------------------------------------
@@ -447,3 +454,7 @@ ANALYSES: dict[str, Analysis] = {
 def enabled(settings: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """The names of the analyses a study's ``analyses`` settings turn on, registry order."""
     return [name for name in ANALYSES if (settings.get(name) or {}).get("enabled")]
+
+
+# the rule of rules/analyses.smk that runs each analysis per run
+RULE_ANALYSIS = {"curvature": "curvature", "spectra": "spectra", "layer_grams": "layer_similarity"}

@@ -602,6 +602,8 @@ def _analyses(
 ) -> dict[str, dict[str, Any]]:
     """The study's ``analyses`` settings, checked: a log-spaced selection needs room for
     step 0 and the final step, a ``where`` names grid columns and keeps some run."""
+    from .analyses import analysed_runs  # torch-free at import, as this module
+
     out = {name: dict(options) for name, options in settings.items()}
     for name, options in out.items():
         if not options.get("enabled"):
@@ -619,10 +621,7 @@ def _analyses(
                 f"{where}/where",
                 f"unknown columns {unknown}; filter on {', '.join(columns.BRANCH_FILTERS)}",
             )
-        elif runs and not any(
-            not r.perturbation and _matches(r, dict(options.get("where") or {}))
-            for r in runs.values()
-        ):
+        elif runs and not analysed_runs(runs, options.get("where")):
             problems.add(f"{where}/where", f"{options['where']} matches none of the study's runs")
     return out
 

@@ -260,3 +260,43 @@ def plot_barriers(smk) -> None:
 
     with _logged(smk):
         plot_all(smk.input.barriers, smk.input.pair_distances, dict(smk.output.items()))
+
+
+def analysis(smk) -> None:
+    """Rules curvature, spectra and layer_grams: the registered analysis of one run."""
+    from .analyses import ANALYSES, RULE_ANALYSIS
+    from .runs import FinishedRun
+
+    with _logged(smk) as log:
+        name = RULE_ANALYSIS[smk.rule]
+        entry = ANALYSES[name]
+        options = {**entry.defaults, **dict(smk.params.options)}
+        run = FinishedRun.read(smk.input.run_json)
+        df = entry.function(
+            run,
+            smk.input.dataset,
+            options,
+            *list(smk.output),
+            keep_steps=smk.params.keep_steps,
+            device="cpu",  # small jobs: they take no GPU from the training jobs
+        )
+        log.info("%s of %s: %d rows", name, run.run_id, len(df))
+
+
+def layer_similarity(smk) -> None:
+    from .analyses import study_layer_similarity
+
+    with _logged(smk) as log:
+        grams = {Path(p).parent.name: p for p in smk.input.grams}
+        pairs = [tuple(p) for p in smk.params.pairs]
+        df = study_layer_similarity(
+            grams, list(smk.input.tables), pairs, smk.output[0], unbiased=smk.params.unbiased
+        )
+        log.info("%d layer similarity rows, %d pairs", len(df), len(pairs))
+
+
+def plot_analysis(smk) -> None:
+    from .analysis_plots import FIGURES
+
+    with _logged(smk):
+        FIGURES[smk.wildcards.figure](smk.input[0], smk.output[0])
