@@ -1,10 +1,10 @@
 # Offline analyses of the runs' checkpoints (paramdyn.analyses; README "Offline analyses"):
 # one rule per measure family per run, one table per study, one figure rule per analysis.
-# Each runs only for the runs an enabled analysis of the study reads (analysis_runs).
+# Each runs only for the runs an enabled analysis of the study reads (analysis_runs). The
+# per-run rules share one job (jobs.analysis, through the registry), so one code list.
 
 # figure -> the analysis whose study table it draws
 FIGURE_ANALYSIS = {f: name for name, figs in ANALYSIS_FIGURES.items() for f in figs}
-ANALYSIS_CODE = ("analyses", "checkpoints", "data", "models", "tables", "columns", "runs")
 
 
 def analysis_inputs(wildcards):
@@ -28,7 +28,20 @@ rule curvature:
     params:
         options=lambda w: analysis_options(w.study, "curvature"),
         keep_steps=lambda w: STUDIES[w.study].keep_step_checkpoints,
-        code=code_hash(*ANALYSIS_CODE, "curvature", "features", "jobs:analysis"),
+        code=code_hash(
+            "analyses",
+            "curvature",
+            "spectra",
+            "layer_similarity",
+            "features",
+            "checkpoints",
+            "data",
+            "models",
+            "tables",
+            "columns",
+            "runs",
+            "jobs:analysis",
+        ),
     script:
         "../scripts/analysis.py"
 
@@ -47,7 +60,20 @@ rule spectra:
     params:
         options=lambda w: analysis_options(w.study, "spectra"),
         keep_steps=lambda w: STUDIES[w.study].keep_step_checkpoints,
-        code=code_hash(*ANALYSIS_CODE, "spectra", "jobs:analysis"),
+        code=code_hash(
+            "analyses",
+            "curvature",
+            "spectra",
+            "layer_similarity",
+            "features",
+            "checkpoints",
+            "data",
+            "models",
+            "tables",
+            "columns",
+            "runs",
+            "jobs:analysis",
+        ),
     script:
         "../scripts/analysis.py"
 
@@ -68,7 +94,18 @@ rule layer_grams:
         options=lambda w: analysis_options(w.study, "layer_similarity"),
         keep_steps=lambda w: STUDIES[w.study].keep_step_checkpoints,
         code=code_hash(
-            *ANALYSIS_CODE, "layer_similarity", "features", "jobs:analysis"
+            "analyses",
+            "curvature",
+            "spectra",
+            "layer_similarity",
+            "features",
+            "checkpoints",
+            "data",
+            "models",
+            "tables",
+            "columns",
+            "runs",
+            "jobs:analysis",
         ),
     script:
         "../scripts/analysis.py"
@@ -124,7 +161,18 @@ rule layer_similarity:
         pairs=lambda w: layer_similarity_pairs(w.study),
         unbiased=lambda w: analysis_options(w.study, "layer_similarity")["unbiased"],
         code=code_hash(
-            "analyses", "layer_similarity", "tables", "columns", "jobs:layer_similarity"
+            "analyses",
+            "curvature",
+            "spectra",
+            "layer_similarity",
+            "features",
+            "checkpoints",
+            "data",
+            "models",
+            "tables",
+            "columns",
+            "runs",
+            "jobs:layer_similarity",
         ),
     script:
         "../scripts/layer_similarity.py"
