@@ -147,8 +147,12 @@ rule aggregate_spectra:
 
 rule layer_similarity:
     input:
-        grams=lambda w: analysis_tables(w.study, "layer_similarity", "grams.safetensors"),
-        tables=lambda w: analysis_tables(w.study, "layer_similarity", "layer_cka.parquet"),
+        grams=lambda w: analysis_tables(
+            w.study, "layer_similarity", "grams.safetensors"
+        ),
+        tables=lambda w: analysis_tables(
+            w.study, "layer_similarity", "layer_cka.parquet"
+        ),
     output:
         paths.study_table("layer_similarity"),
     log:
@@ -188,15 +192,17 @@ rule plot_analysis:
             category="{study}",
             subcategory="analyses",
         ),
-    wildcard_constraints:
-        figure="|".join(f for figs in ANALYSIS_FIGURES.values() for f in figs),
     log:
         "results/{study}/logs/plot_analysis/{figure}.log",
     benchmark:
         "results/{study}/benchmarks/plot_analysis/{figure}.tsv"
+    wildcard_constraints:
+        figure="|".join(f for figs in ANALYSIS_FIGURES.values() for f in figs),
     conda:
         ENV
     params:
-        code=code_hash("analysis_plots", "plots", "tables", "columns", "jobs:plot_analysis"),
+        code=code_hash(
+            "analysis_plots", "plots", "tables", "columns", "jobs:plot_analysis"
+        ),
     script:
         "../scripts/plot_analysis.py"

@@ -212,7 +212,8 @@ def layer_similarity_pairs(study):
 
     runs = STUDIES[study].runs
     kept = {r: runs[r] for r in analysis_runs(study, "layer_similarity")}
-    return layer_pairs(kept, analysis_options(study, "layer_similarity").get("pairs", []))
+    kinds = analysis_options(study, "layer_similarity").get("pairs", [])
+    return layer_pairs(kept, kinds)
 
 
 def analysis_targets(study):
