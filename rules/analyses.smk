@@ -3,16 +3,6 @@
 # Each runs only for the runs an enabled analysis of the study reads (analysis_runs). The
 # per-run rules share one job (jobs.analysis, through the registry), so one code list.
 
-# figure -> the analysis whose study table it draws
-FIGURE_ANALYSIS = {f: name for name, figs in ANALYSIS_FIGURES.items() for f in figs}
-
-
-def analysis_inputs(wildcards):
-    return {
-        "run_json": paths.run_file(paths.RUN_JSON, wildcards.study, wildcards.run_id),
-        "dataset": paths.dataset_file(run_spec(wildcards).dataset),
-    }
-
 
 rule curvature:
     input:

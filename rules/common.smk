@@ -223,3 +223,14 @@ def analysis_targets(study):
             targets += [paths.study_table(name, study)]
             targets += [paths.figure(f, study) for f in figures]
     return targets
+
+
+# figure -> the analysis whose study table it draws
+FIGURE_ANALYSIS = {f: name for name, figs in ANALYSIS_FIGURES.items() for f in figs}
+
+
+def analysis_inputs(wildcards):
+    return {
+        "run_json": paths.run_file(paths.RUN_JSON, wildcards.study, wildcards.run_id),
+        "dataset": paths.dataset_file(run_spec(wildcards).dataset),
+    }
