@@ -312,6 +312,101 @@ def test_perturbation_return(tmp_path):
     assert row.verdict == "supported"  # zero spread: the interval is the point 2.0
 
 
+def _barrier_rows(pair, kind, seed, perturbation, value, step, error_barrier, alignment="none"):
+    base = _run("res", seed, perturbation="")
+    rows = []
+    for split in ("train", "test"):
+        for alpha in (0.0, 0.5, 1.0):
+            rows.append(
+                {
+                    **{k: base[k] for k in ("model", "dataset", "init", "optimizer", "shortcut")},
+                    "model_name": "res",
+                    "seed": seed,
+                    "pair": pair,
+                    "kind": kind,
+                    "run_a": base["run_id"],
+                    "run_b": f"{base['run_id']}_{pair}",
+                    "perturbation": perturbation,
+                    "perturbation_value": value,
+                    "branch_step": step,
+                    "status": "completed",
+                    "alignment": alignment,
+                    "alpha": alpha,
+                    "split": split,
+                    # the train split's barrier is 10x the test one's: the split is chosen
+                    "error_barrier": error_barrier * (10 if split == "train" else 1),
+                    "loss_barrier": 1.0,
+                }
+            )
+    return rows
+
+
+def test_barrier_and_its_change_with_the_branching_step(tmp_path):
+    rows = []
+    for seed, (early, late) in enumerate([(0.30, 0.10), (0.20, 0.05), (0.25, 0.15)]):
+        for step, value in ((0, early), (100, late)):
+            for d in (1, 2):  # the instability pairs at each step: one per seed here
+                if d == 1:
+                    pair = f"i{seed}-{step}"
+                    rows += _barrier_rows(pair, "instability", seed, "inst", np.nan, step, value)
+        # an offset sweep: 1e-6 returns (barrier 0.01), 1.0 does not (0.4)
+        rows += _barrier_rows(f"o{seed}a", "branches", seed, "offset", 1e-6, -1, 0.01)
+        rows += _barrier_rows(f"o{seed}b", "branches", seed, "offset", 1.0, -1, 0.4)
+        rows += _barrier_rows(
+            f"o{seed}c", "branches", seed, "offset", 1.0, -1, 0.9, "weight_matching"
+        )
+    b = pd.DataFrame(rows)
+    hist = _history({("res", s, "residual", "sgd"): 0.9 for s in range(3)})
+    paths = _write(tmp_path, barriers=b, history=hist)
+    small = _claim("barrier", 0.02, "below", kind="branches", branch="offset", size=1e-6)
+    row = findings.findings([small], paths).iloc[0]
+    assert row.statistic == pytest.approx(0.01) and row.verdict == "supported"
+    large = _claim("barrier", 0.02, "below", kind="branches", branch="offset", size=1.0)
+    row = findings.findings([large], paths).iloc[0]
+    assert row.statistic == pytest.approx(0.4) and row.verdict == "contradicted"
+    aligned = _claim(
+        "barrier", 0.5, "above", kind="branches", branch="offset", alignment="weight_matching"
+    )
+    assert findings.findings([aligned], paths).iloc[0].statistic == pytest.approx(0.9)
+    train = _claim(
+        "barrier", 0.0, "above", kind="branches", branch="offset", size=1.0, split="train"
+    )
+    assert findings.findings([train], paths).iloc[0].statistic == pytest.approx(4.0)
+    change = _claim("barrier_step_change", 0.0, "below", kind="instability", branch="inst")
+    row = findings.findings([change], paths).iloc[0]
+    m, lo, hi = _ci3([-0.20, -0.15, -0.10])
+    assert row["values"] == pytest.approx([-0.20, -0.15, -0.10])
+    assert (row.statistic, row.ci_low, row.ci_high) == pytest.approx((m, lo, hi))
+    assert row.verdict == "supported"
+
+
+def test_representation_change(tmp_path):
+    rows = []
+    for seed, cka in enumerate([0.9, 0.8, 0.7]):
+        r = _run("res", seed)
+        for depth, block in enumerate(["stem", "b1", "b2", "fc"]):
+            for step, value in ((0, cka + 0.01 * depth), (5, 0.95), (10, 1.0)):
+                rows.append(
+                    {
+                        **r,
+                        "kind": "over_checkpoints",
+                        "run_a": r["run_id"],
+                        "block_a": block,
+                        "depth_a": depth,
+                        "step": step,
+                        "cka": value,
+                    }
+                )
+    lsim = pd.DataFrame(rows).drop(columns=["run_id"])
+    hist = _history({("res", s, "residual", "sgd"): 0.9 for s in range(3)})
+    paths = _write(tmp_path, layer_similarity=lsim, history=hist)
+    inner = _claim("representation_change", 0.5, "above")  # stem and fc left out
+    row = findings.findings([inner], paths).iloc[0]
+    assert row["values"] == pytest.approx([0.915, 0.815, 0.715])
+    every = _claim("representation_change", 0.5, "above", exclude_ends=False)
+    assert findings.findings([every], paths).iloc[0]["values"][0] == pytest.approx(0.915)
+
+
 def test_feature_correlation_gap(tmp_path):
     best = {
         (m, s, "residual", o): 0.9 for m in ("a", "b") for s in range(3) for o in ("adam", "sgd")

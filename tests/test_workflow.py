@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -69,6 +70,9 @@ def test_dry_run_lists_the_grid(tmp_path):
     assert counts["findings"] == 1
     # 2 seed pairs (residual, plain) and 4 branches against their sources
     assert counts["interpolate"] == 6 and counts["plot_barriers"] == 1
+    # analyses of the 4 runs (not branches): curvature of seed 0 only
+    assert counts["curvature"] == 2 and counts["spectra"] == 4 and counts["layer_grams"] == 4
+    assert counts["layer_similarity"] == 1 and counts["plot_analysis"] == 4
 
 
 def test_run_outputs(tiny):
@@ -156,6 +160,7 @@ def test_figures(tiny):
     names += ["distance_vs_depth_average", "accuracy", "loss", "gradients_vs_depth", "cka"]
     names += ["feature_correlation", "perturbations", "frozen", "change"]
     names += ["barrier_path_error", "barrier_path_loss", "barrier_heights", "pair_distances"]
+    names += ["sharpness_vs_step", "spectra_vs_depth", "layer_cka_pairs", "layer_cka_over_steps"]
     for name in names:
         png = figures / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -297,6 +302,22 @@ def test_barriers_and_pair_distances(tiny):
     total = sq.groupby(["pair", "alignment"]).sq.sum().unstack()
     # weight matching only ever improves on the identity permutation
     assert (total["weight_matching"] <= total["none"] * (1 + 1e-6)).all()
+
+
+def test_analyses_tables(tiny):
+    work, _ = tiny
+    study = work / "results" / "tiny"
+    c = pq.read_table(study / "curvature.parquet").to_pandas()
+    assert set(c.seed) == {0} and c.run_id.nunique() == 2 and (c.step == 8).all()
+    model = c[c.scope == "model"]
+    assert len(model) == 2 and (model.top_eigenvalue > 0).all()
+    s = pq.read_table(study / "spectra.parquet").to_pandas()
+    assert s.run_id.nunique() == 4 and set(s.step) == {0, 4, 8}  # every epoch's end
+    assert (s.stable_rank >= 1 - 1e-9).all() and (s.stable_rank <= s[["rows", "cols"]].min(1)).all()
+    lsim = pq.read_table(study / "layer_similarity.parquet").to_pandas()
+    assert set(lsim.kind) == {"seeds", "shortcut", "over_checkpoints"}
+    final = lsim[(lsim.kind == "over_checkpoints") & (lsim.step == 8)]
+    assert np.allclose(final.cka, 1.0)  # each block against itself at the reference
 
 
 def test_frozen_shares(tiny):

@@ -524,6 +524,15 @@ CLAIM_TESTS: dict[str, ClaimTestSpec] = {
             },
         ),
         ClaimTestSpec(
+            "representation_change",
+            "mean over a run's blocks of the linear CKA between each block's representation "
+            "at the first checkpoint its layer-similarity analysis reads (the init) and at "
+            "its final one: near 1 when training barely changed what the blocks compute "
+            "(lazy training)",
+            ("layer_similarity",),
+            {"where": _WHERE, "by": _BY, "exclude_ends": _EXCLUDE_ENDS},
+        ),
+        ClaimTestSpec(
             "barrier",
             "a pair's barrier along the straight path between its two checkpoints: the "
             "largest excess of the error (or loss) over the line between the endpoint "

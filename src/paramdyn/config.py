@@ -1206,7 +1206,7 @@ def _check_offline(config: dict[str, Any], studies: dict[str, Study], problems: 
 
 
 def _run_value(run: RunSpec, column: str) -> str:
-    return getattr(run, column)
+    return str(getattr(run, column))
 
 
 def _matches(run: RunSpec, *filters: dict[str, Any]) -> bool:
@@ -1393,6 +1393,10 @@ def _untested(study: Study, test: str, params: dict[str, Any]) -> str:
     where = params.get("where") or {}
     if test in ("barrier", "barrier_step_change"):
         return _untested_pairs(study, params)
+    if test == "representation_change" and not study.analyses.get("layer_similarity", {}).get(
+        "enabled"
+    ):
+        return f"{study.name} has no layer-similarity analysis (analyses.layer_similarity)"
     if test == "perturbation_return":
         for k in ("branch", "control"):
             label = params.get(k)

@@ -306,6 +306,20 @@ def _gradient_ratio(t, runs, p):
     return _per_run(rows, runs)
 
 
+def _representation_change(t, runs, p):
+    s = t["layer_similarity"]
+    s = s[s["kind"] == "over_checkpoints"]
+    rows = []
+    for run_id, g in s.groupby("run_a", sort=True):
+        first = g[g["step"] == g["step"].min()]
+        depths = sorted(first["depth_a"].unique())
+        if p["exclude_ends"]:
+            depths = depths[1:-1]
+        values = first.loc[first["depth_a"].isin(depths), "cka"].astype(float)
+        rows.append({"run_id": run_id, "value": float(values.mean()) if len(values) else math.nan})
+    return _per_run(rows, runs)
+
+
 def _pair_barriers(t, runs, p) -> pd.DataFrame:
     """One row per pair of ``barriers.parquet`` matching the claim's kind, branch, size,
     alignment and split, with ``value`` its barrier; ``run_id`` is its run_b (the branch)
@@ -353,6 +367,7 @@ STATISTICS: dict[str, Callable[[dict, pd.DataFrame, dict], pd.DataFrame]] = {
     "perturbation_return": _perturbation_return,
     "feature_correlation_gap": _feature_correlation_gap,
     "gradient_ratio": _gradient_ratio,
+    "representation_change": _representation_change,
     "barrier": _barrier,
     "barrier_step_change": _barrier_step_change,
 }

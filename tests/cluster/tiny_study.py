@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 TINY = Path(__file__).resolve().with_name("tiny.yaml")
-EXTRAS = ("gradients", "perturbations", "features", "interpolation", "claims")
+EXTRAS = ("gradients", "perturbations", "features", "analyses", "interpolation", "claims")
 
 
 def load() -> dict:
