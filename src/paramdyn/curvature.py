@@ -24,7 +24,10 @@ faster on CPU.
 
 Top eigenvalue: Lanczos, as ARPACK's implicitly restarted Lanczos through
 ``scipy.sparse.linalg.eigsh`` (``which="LA"``, ``k=1``: the largest ALGEBRAIC eigenvalue)
-on a ``LinearOperator`` whose matvec is one HVP (vectors in float64 on the scipy side).
+on a ``LinearOperator`` whose matvec is one HVP (vectors in float64 on the scipy side for
+a float64 model, float32 otherwise: ARPACK's reorthogonalisation reads all its Lanczos
+vectors at every step, and for an 11M-parameter model that memory traffic is a tenth of
+an HVP's time in float64, half that in float32).
 ARPACK stops when its Ritz estimate of ``||Hv - lambda v||`` is at most ``tol * |lambda|``;
 we then spend one more HVP to measure that residual exactly, and record the Lanczos steps
 (HVPs inside ARPACK), the HVPs in all, the residual and a converged flag. Lanczos rather
@@ -165,12 +168,20 @@ class Hessian:
     def flatten(self, d: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([d[k].reshape(-1) for k in self.names])
 
+    @property
+    def numpy_dtype(self) -> type:
+        """scipy's side: float64 for a float64 model, float32 otherwise (ARPACK's single
+        precision: half the memory traffic of its reorthogonalisation; HVPs of a float32
+        model are no more accurate than that anyway)."""
+        return np.float64 if self.dtype == torch.float64 else np.float32
+
     def matvec(self, x: np.ndarray) -> np.ndarray:
-        """H x for a flat float64 vector (scipy's side); the HVP in the model's dtype."""
-        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
-        v = v.to(device=self.device, dtype=self.dtype)
+        """H x for a flat numpy vector; the HVP in the model's dtype. On a CPU model whose
+        dtype is :attr:`numpy_dtype`, x is used in place (the HVP only reads it)."""
+        x = np.ascontiguousarray(x, dtype=self.numpy_dtype).reshape(-1)
+        v = torch.from_numpy(x).to(device=self.device, dtype=self.dtype)
         hv = self.flatten(self.hvp(self.unflatten(v)))
-        return hv.to(device="cpu", dtype=torch.float64).numpy()
+        return hv.to(device="cpu", dtype=torch.from_numpy(x).dtype).numpy()
 
 
 # --- top eigenvalue -------------------------------------------------------------------------
@@ -189,7 +200,7 @@ def top_eigenvalue(
 ) -> dict:
     """The largest (algebraic) eigenvalue of the Hessian of the mean loss w.r.t. ``params``
     (all trainable parameters when None) by ARPACK's Lanczos (eigsh) from a seeded random
-    start. ``ncv``: Lanczos vectors kept (ARPACK's subspace; memory ncv x n float64);
+    start. ``ncv``: Lanczos vectors kept (ARPACK's subspace; memory about (ncv + 3) x n floats);
     ``max_iter``: at most about this many Lanczos steps (rounded to whole restart cycles).
     Returns value, iterations (Lanczos steps = HVPs inside ARPACK), hvps (all, with the
     residual's), residual ``||Hv - value v|| / |value|`` (measured) and converged (ARPACK
@@ -203,8 +214,8 @@ def top_eigenvalue(
             value = float(H.matvec(np.ones(1))[0])
             return _eig_row(value, 0, H.hvps, 0.0, True)
         ncv = min(max(ncv, 3), n)
-        op = LinearOperator((n, n), matvec=H.matvec, dtype=np.float64)
-        v0 = np.random.default_rng(seed).standard_normal(n)
+        op = LinearOperator((n, n), matvec=H.matvec, dtype=H.numpy_dtype)
+        v0 = np.random.default_rng(seed).standard_normal(n).astype(H.numpy_dtype)
         try:
             vals, vecs = eigsh(op, k=1, which="LA", tol=tol, maxiter=max_iter, ncv=ncv, v0=v0)
             met = True
@@ -213,10 +224,11 @@ def top_eigenvalue(
         steps = H.hvps
         if len(vals) == 0:  # no Ritz value converged at all: report the Rayleigh quotient
             vec = v0 / np.linalg.norm(v0)
-            vals = np.array([vec @ H.matvec(vec)])
+            vals = np.array([vec @ H.matvec(vec).astype(np.float64)])
             vecs = vec[:, None]
-        value, vec = float(vals[0]), vecs[:, 0] / np.linalg.norm(vecs[:, 0])
-        r = H.matvec(vec) - value * vec
+        vec = vecs[:, 0].astype(np.float64)
+        value, vec = float(vals[0]), vec / np.linalg.norm(vec)
+        r = H.matvec(vec).astype(np.float64) - value * vec
         residual = float(np.linalg.norm(r) / abs(value)) if value else math.inf
         return _eig_row(value, steps, H.hvps, residual, met and residual <= tol)
 
