@@ -87,6 +87,8 @@ def barrier_path(barriers, out: Path | str, metric: str = "error"):
         **_facets(df),
     )
     g.set_axis_labels("α (θ = (1−α)·θa + α·θb)", METRICS[metric])
+    # an error is a share and a loss is positive: a t-band of two seeds may say otherwise
+    g.set(ylim=(0.0, 1.0) if metric == "error" else (0.0, None))
     g.set_titles(col_template="{col_name}", row_template="{row_name}")
     _finish_grid(
         g,
