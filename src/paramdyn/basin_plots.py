@@ -17,7 +17,7 @@ import pandas as pd
 import seaborn as sns
 
 from . import tables
-from .plots import _empty, _finish_grid, _panel_size, _rotate_ticks, _save, t_interval
+from .plots import _empty, _finish_grid, _panel_size, _save, t_interval
 
 KIND_LABELS = {
     "seeds": "two init seeds",
@@ -57,15 +57,15 @@ def _read(table) -> pd.DataFrame:
 
 
 def _facets(df: pd.DataFrame) -> dict:
-    rows = df["model"].nunique() > 1
-    height, aspect = _panel_size(df["group"].nunique() * (df["model"].nunique() if rows else 1))
-    return {
-        "col": "group",
-        "row": "model" if rows else None,
-        "height": height,
-        "aspect": aspect,
-        "facet_kws": {"margin_titles": rows},
-    }
+    """One panel per (model, pair group), wrapped four to a row: a study with many kinds,
+    branches and sizes stays readable."""
+    if df["model"].nunique() > 1:
+        df["panel"] = df["model"].astype(str) + "\n" + df["group"]
+    else:
+        df["panel"] = df["group"]
+    panels = df["panel"].nunique()
+    height, aspect = _panel_size(panels)
+    return {"col": "panel", "col_wrap": min(4, panels), "height": height, "aspect": aspect}
 
 
 def barrier_path(barriers, out: Path | str, metric: str = "error"):
@@ -89,7 +89,7 @@ def barrier_path(barriers, out: Path | str, metric: str = "error"):
     g.set_axis_labels("α (θ = (1−α)·θa + α·θb)", METRICS[metric])
     # an error is a share and a loss is positive: a t-band of two seeds may say otherwise
     g.set(ylim=(0.0, 1.0) if metric == "error" else (0.0, None))
-    g.set_titles(col_template="{col_name}", row_template="{row_name}")
+    g.set_titles(col_template="{col_name}")
     _finish_grid(
         g,
         f"{METRICS[metric]} along the straight path between two checkpoints "
@@ -108,25 +108,23 @@ def barrier_heights(barriers, out: Path | str, split: str = "test"):
         return _empty(out, "no interpolation pairs")
     per_pair = df[df["split"] == split].drop_duplicates(["pair", "alignment"])
     sns.set_theme(style="whitegrid", context="paper")
-    facets = _facets(per_pair)
+    groups = per_pair["group"].nunique()
     g = sns.catplot(
         data=per_pair,
-        x="group",
-        y="error_barrier",
+        y="group",
+        x="error_barrier",
         hue="aligned",
         kind="point",
         errorbar=t_interval,
-        dodge=0.3,
+        dodge=0.4,
         linestyle="none",
-        col=facets["row"],
-        height=3.2,
-        aspect=max(1.4, 0.45 * per_pair["group"].nunique()),
+        col="model" if per_pair["model"].nunique() > 1 else None,
+        height=max(2.6, 0.55 * groups + 1.0),
+        aspect=max(0.9, 4.2 / max(2.6, 0.55 * groups + 1.0)),
     )
     for ax in g.axes.flat:
-        ax.axhline(0.0, color="0.3", linewidth=0.8)
-        ax.set_xlabel("")
-        _rotate_ticks(ax, 12)
-    g.set_axis_labels("", f"error barrier ({split} split)")
+        ax.axvline(0.0, color="0.3", linewidth=0.8)
+    g.set_axis_labels(f"error barrier ({split} split)", "")
     _finish_grid(g, "error barrier per pair (mean and 95% CI over seeds)", groups=("aligned",))
     _save(g.figure, out)
     return g.figure
@@ -147,10 +145,11 @@ def pair_distances(distances, out: Path | str):
         kind="line",
         marker="o",
         errorbar=t_interval,
+        facet_kws={"sharey": False},  # a branch that blew up would flatten every panel
         **_facets(df),
     )
     g.set_axis_labels("block depth (0 = input)", "‖θb − θa‖ / ‖θa‖")
-    g.set_titles(col_template="{col_name}", row_template="{row_name}")
+    g.set_titles(col_template="{col_name}")
     _finish_grid(g, "distance between the two ends of each pair, per block", groups=("aligned",))
     _save(g.figure, out)
     return g.figure
