@@ -9,25 +9,27 @@ Each function puts the model in eval mode for its duration and restores every mo
 mode afterwards. ``loss_fn(output, target)`` must return the batch MEAN; the batches are
 weighted by their sizes, so the loss is the mean over the whole subset.
 
-Hessian-vector products (HVPs) are exact, with ``torch.func``: forward-over-reverse,
-``jvp(grad(loss))``, taken at the checkpoint's parameters with respect to all of them or a
+Hessian-vector products (HVPs) are exact, with ``torch.func``: reverse-over-reverse,
+``vjp(grad(loss))``, taken at the checkpoint's parameters with respect to all of them or a
 subset (a block's: the keys that :func:`checkpoints.block_of` assigns to it); every other
 parameter and buffer is a constant. One HVP is one pass over the batches (the sum of the
-per-batch HVPs, weighted by batch size), in the model's dtype and on its device.
-Forward-over-reverse is PyTorch's recommended HVP (torch.func docs, "Hessian-vector
-products"): no second graph over the backward pass is built; on a 2-core CPU it took the
-same time as reverse-over-reverse (``vjp`` of ``grad``) and 10-20 % less than
-``autograd.grad`` twice (benchmarks/bench_curvature.py prints the three). One HVP costs
-about 3-4 forward+backward passes. ``torch.func.linearize`` (which would cache the primal
-pass across HVPs) was tried: tracing ResNet-18 took over a minute and the HVP was no
-faster on CPU.
+per-batch HVPs, weighted by batch size), in the model's dtype and on its device. Of the
+three exact HVPs, on ResNet-18 on the 2-core CPU (benchmarks/bench_curvature.py prints
+them) reverse-over-reverse took 0.70-0.93 of forward-over-reverse (``jvp(grad)``, the
+torch.func docs' general recommendation) and double ``autograd.grad`` 0.87-1.0: the
+fastest, so it is the one used. One HVP costs about 3-4 forward+backward passes.
+``torch.func.linearize`` (which would cache the primal pass across HVPs) was tried:
+tracing ResNet-18 took over a minute and the HVP was no faster on CPU.
 
 Top eigenvalue: Lanczos, as ARPACK's implicitly restarted Lanczos through
 ``scipy.sparse.linalg.eigsh`` (``which="LA"``, ``k=1``: the largest ALGEBRAIC eigenvalue)
 on a ``LinearOperator`` whose matvec is one HVP (vectors in float64 on the scipy side for
-a float64 model, float32 otherwise: ARPACK's reorthogonalisation reads all its Lanczos
-vectors at every step, and for an 11M-parameter model that memory traffic is a tenth of
-an HVP's time in float64, half that in float32).
+a float64 model, float32 otherwise: ARPACK's work per step is memory traffic over its
+Lanczos vectors, and in float32 it took about half of float64's time at n = 11M, while a
+float32 model's HVPs are no more accurate than float32). ARPACK's own work per Lanczos step
+(``ssaupd``, measured with a diagonal matvec at n = 11M) is about 0.15-0.2 s on this 2-core
+CPU with scipy's BLAS held to one thread (0.3 s with two, contending with torch's threads),
+a fixed cost per step that a larger subset (longer HVPs) makes relatively smaller.
 ARPACK stops when its Ritz estimate of ``||Hv - lambda v||`` is at most ``tol * |lambda|``;
 we then spend one more HVP to measure that residual exactly, and record the Lanczos steps
 (HVPs inside ARPACK), the HVPs in all, the residual and a converged flag. Lanczos rather
@@ -58,8 +60,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+from threadpoolctl import threadpool_limits
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad, vjp
 
 from .checkpoints import block_of
 from .features import probe_indices
@@ -152,7 +155,8 @@ class Hessian:
         """H v: one pass over the batches, each batch's HVP weighted by its share."""
         out: dict[str, torch.Tensor] | None = None
         for (x, y), w in zip(self.batches, self.weights, strict=True):
-            _, hv = jvp(lambda p, x=x, y=y, w=w: grad(self._loss)(p, x, y, w), (self.primal,), (v,))
+            _, pull = vjp(lambda p, x=x, y=y, w=w: grad(self._loss)(p, x, y, w), self.primal)
+            (hv,) = pull(v)
             if out is None:
                 out = hv
             else:
@@ -216,8 +220,9 @@ def top_eigenvalue(
         ncv = min(max(ncv, 3), n)
         op = LinearOperator((n, n), matvec=H.matvec, dtype=H.numpy_dtype)
         v0 = np.random.default_rng(seed).standard_normal(n).astype(H.numpy_dtype)
-        try:
-            vals, vecs = eigsh(op, k=1, which="LA", tol=tol, maxiter=max_iter, ncv=ncv, v0=v0)
+        try:  # scipy's BLAS on one thread: its threads would contend with torch's
+            with threadpool_limits(1, user_api="blas"):
+                vals, vecs = eigsh(op, k=1, which="LA", tol=tol, maxiter=max_iter, ncv=ncv, v0=v0)
             met = True
         except ArpackNoConvergence as e:
             vals, vecs, met = e.eigenvalues, e.eigenvectors, False
