@@ -636,7 +636,7 @@ def test_expect_failure_changes_no_run():
     [
         (
             {"test": "depth_trends"},
-            "unknown claim test 'depth_trends'. Valid claim tests: accuracy_gap, depth_trend",
+            "unknown claim test 'depth_trends'. Valid claim tests: accuracy_gap, barrier, barrier_step_change, depth_trend",
         ),
         (
             {"params": {"a": {}, "b": {}, "group": "x"}},
