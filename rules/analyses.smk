@@ -178,7 +178,7 @@ rule plot_analysis:
     output:
         report(
             paths.figure("{figure}"),
-            caption="../report/{figure}.rst",
+            caption="../report/analyses.rst",
             category="{study}",
             subcategory="analyses",
         ),
