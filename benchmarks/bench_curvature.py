@@ -5,17 +5,14 @@ Model: ``resnet18-basic-residual`` for CIFAR-10 (ImageNet stem, width 64: 11.2M
 parameters), seeded random init with non-trivial BatchNorm running statistics (a few
 training-mode passes over other random images), in eval mode. Subset: 256 random
 CIFAR-size images with random labels (``_train.random_cifar``) in 2 batches of 128: the
-curvature analysis' default ``subset`` and ``batch_size``. ARPACK's own work per Lanczos
-step (about 0.2 s at 11M parameters, whatever the subset) is what the ratio measures
-besides the HVPs, so a smaller subset shows a larger ratio. The
+curvature analysis' default ``subset`` and ``batch_size``. The
 CIFAR-form ``resnet18-cifar`` (no stem down-sampling, 16x the arithmetic per image) would
 take minutes per eigenvalue on a 2-core CPU, so the ImageNet-stem form is measured.
 
-Ours is :func:`paramdyn.curvature.top_eigenvalue` (tol 1e-3, ARPACK Lanczos via eigsh,
-default ncv) from start to result, residual check included. The baseline is one bare
+Ours is :func:`paramdyn.curvature.top_eigenvalue` (tol 1e-3, the Lanczos recurrence) from start to result, residual check included. The baseline is one bare
 ``torch.func`` HVP on the same subset, the one ours uses: ``vjp(grad(loss))`` of each
 batch, summed, with the parameters as a dict, nothing else. ratio = ours / (HVPs ours used x the bare HVP), i.e. the
-cost of everything around the HVPs (ARPACK, conversions, the eval-mode switch). Goal <= 1.2.
+cost of everything around the HVPs (the recurrence, the eval-mode switch). Goal <= 1.2.
 Also printed: the time ours spends inside its own HVPs, and ours over that.
 Interleaved rounds, best of each; torch's default threads. For information: the HVP over
 one forward+backward of the subset, and the other exact HVPs (forward-over-reverse: ``jvp``

@@ -8,7 +8,7 @@ defaults in; :func:`config._resolve_study` checks the options). Analyses are not
 hyper-parameters of a run: they never enter its RunSpec, so enabling one reruns no training.
 
 - ``curvature`` (:mod:`paramdyn.curvature`): per selected checkpoint, on a fixed training
-  subset (``subset`` images, ``subset_seed``), the top Hessian eigenvalue (ARPACK Lanczos on
+  subset (``subset`` images, ``subset_seed``), the top Hessian eigenvalue (Lanczos on
   HVPs, ``tol``, ``max_iter``) of the whole model and, with ``block_eigenvalues``, of each
   block's parameters, and Hutchinson traces per block (``samples`` probes). Per run:
   ``curvature.parquet``; column ``lr`` is the run's optimizer lr (the 2/lr line).
@@ -234,7 +234,7 @@ def curvature_rows(model, batches, options: Mapping[str, Any]) -> list[dict]:
     their traces, top_eigenvalue NaN): one Lanczos run instead of one per block."""
     from . import curvature
 
-    kw = {k: options[k] for k in ("tol", "max_iter", "samples", "ncv")}
+    kw = {k: options[k] for k in ("tol", "max_iter", "samples")}
     kw["seed"] = options["subset_seed"]
     if options["block_eigenvalues"]:
         return curvature.checkpoint_curvature(model, batches, **kw)
@@ -243,7 +243,7 @@ def curvature_rows(model, batches, options: Mapping[str, Any]) -> list[dict]:
     scopes = {"model": curvature.parameter_names(model), **groups}
     traces = curvature.block_traces(model, batches, scopes, samples=kw["samples"], seed=kw["seed"])
     eig = curvature.top_eigenvalue(
-        model, batches, tol=kw["tol"], max_iter=kw["max_iter"], seed=kw["seed"], ncv=kw["ncv"]
+        model, batches, tol=kw["tol"], max_iter=kw["max_iter"], seed=kw["seed"]
     )
     none = {"value": math.nan, "iterations": 0, "hvps": 0, "residual": math.nan,
             "converged": False}  # fmt: skip
@@ -421,7 +421,6 @@ ANALYSES: dict[str, Analysis] = {
             "samples": 20,
             "tol": 1.0e-3,
             "max_iter": 100,
-            "ncv": 10,
             "block_eigenvalues": True,
         },  # fmt: skip
         ("curvature.parquet",),
