@@ -279,7 +279,7 @@ def test_subsets_are_fixed_by_the_seed(data):
     assert (ip.subset_indices(512, 100, 4) == sorted(idx)).all()
     assert (ip.subset_indices(10, 50, 0) == range(10)).all()
     with pytest.raises(ValueError, match="unknown split"):
-        ip.subset_batches(data, "valid", [0], 8)
+        data.subset_batches("valid", [0], 8)
 
 
 # --- barriers ----------------------------------------------------------------------------------

@@ -75,16 +75,8 @@ def subset_batches(data, size: int, batch_size: int = 128, seed: int = 0) -> lis
     ``size`` is at least the split), normalised as evaluation batches are (no augmentation),
     as a list of (x, y) batches of at most ``batch_size`` on the data's device. Same data,
     size and seed, same subset: every checkpoint of a run is measured on the same loss."""
-    if batch_size < 1:
-        raise ValueError(f"subset_batches: batch_size must be at least 1, got {batch_size}")
-    idx = torch.as_tensor(probe_indices(data.train_x.shape[0], size, seed))
-    idx = idx.to(data.train_x.device)
-    out = []
-    for i in range(0, idx.numel(), batch_size):
-        sel = idx[i : i + batch_size]
-        x = (data.train_x[sel].float().div_(255.0) - data.mean) / data.std
-        out.append((x, data.train_y[sel]))
-    return out
+    indices = probe_indices(data.train_x.shape[0], size, seed)
+    return data.subset_batches("train", indices, batch_size)
 
 
 # --- Hessian-vector products ---------------------------------------------------------------

@@ -394,6 +394,27 @@ class DeviceData:
                 x = self._augment(x, gen)
             yield x, self.train_y[idx]
 
+    def subset_batches(self, split: str, indices, batch_size: int) -> list[tuple[object, object]]:
+        """The images ``indices`` of ``split`` (train or test), in that order, as a list of
+        (x, y) batches normalised and laid out as the evaluation batches are, built once: a
+        fixed subset that is evaluated many times (interpolation paths, curvature)."""
+        splits = {"train": (self.train_x, self.train_y), "test": (self.test_x, self.test_y)}
+        if split not in splits:
+            raise ValueError(f"subset_batches: unknown split '{split}'; valid: {sorted(splits)}")
+        if batch_size < 1:
+            raise ValueError(f"subset_batches: batch_size must be at least 1, got {batch_size}")
+        xs, ys = splits[split]
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=xs.device)
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= xs.shape[0]:
+            raise ValueError(
+                f"subset_batches: indices must be non-empty and within the {split} split's "
+                f"{xs.shape[0]} images"
+            )
+        return [
+            (self._to_float(xs[idx[i : i + batch_size]]), ys[idx[i : i + batch_size]])
+            for i in range(0, idx.numel(), batch_size)
+        ]
+
     def eval_batches(
         self, split: str, batch_size: int, stride: int = 1
     ) -> Iterator[tuple[object, object]]:

@@ -29,7 +29,7 @@ restored afterwards. ``torch.optim.swa_utils.update_bn`` does the same reset and
 but puts the whole model in train mode (dropout active) and restores only the top-level
 flag, hence this function.
 
-Subsets (:func:`subset_indices`, :func:`subset_batches`, :func:`path_subsets`): the images
+Subsets (:func:`subset_indices`, :meth:`data.DeviceData.subset_batches`, :func:`path_subsets`): the images
 for re-estimation, train evaluation and test evaluation are fixed by a seed and
 materialised once as normalised batches on the data's device, so every α and every pair of
 models sees the same images in the same batches. The re-estimation subset is in a seeded
@@ -49,7 +49,6 @@ or negative when the path never rises above the line, the depth below it at its 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -192,26 +191,6 @@ def subset_indices(n: int, size: int, seed: int = 0, *, shuffled: bool = False) 
     return (idx if shuffled else np.sort(idx)).astype(np.int64)
 
 
-_SPLITS = {"train": ("train_x", "train_y"), "test": ("test_x", "test_y")}
-
-
-def subset_batches(data, split: str, indices, batch_size: int) -> list[tuple]:
-    """The images ``indices`` of a split of a ``data.DeviceData``, in that order, as a list
-    of normalised (x, y) batches on its device (normalised and laid out exactly as its
-    evaluation batches are)."""
-    if split not in _SPLITS:
-        raise ValueError(f"subset_batches: unknown split '{split}'; valid: {sorted(_SPLITS)}")
-    xs, ys = (getattr(data, k) for k in _SPLITS[split])
-    idx = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=xs.device)
-    if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= xs.shape[0]:
-        raise ValueError(
-            f"subset_batches: indices must be non-empty and within the {split} split's "
-            f"{xs.shape[0]} images"
-        )
-    view = dataclasses.replace(data, train_x=xs[idx], train_y=ys[idx])
-    return list(view.eval_batches("train", batch_size))
-
-
 def path_subsets(
     data,
     *,
@@ -233,8 +212,8 @@ def path_subsets(
         "test": subset_indices(n_test, eval_size, seed + 2),
     }
     return (
-        subset_batches(data, "train", bn, bn_batch_size),
-        {s: subset_batches(data, s, idx, eval_batch_size) for s, idx in splits.items()},
+        data.subset_batches("train", bn, bn_batch_size),
+        {s: data.subset_batches(s, idx, eval_batch_size) for s, idx in splits.items()},
     )
 
 
