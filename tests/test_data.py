@@ -633,3 +633,32 @@ def test_load_unreadable_prepared_file(tmp_path):
     with pytest.raises(data.DatasetError, match="unreadable prepared dataset") as e:
         data.DeviceData.load(path, "cpu")
     assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("channels_last", "augment", "inputs"),
+    [(False, False, None), (True, True, None), (True, False, {"pad_to": 32, "channels": 3})],
+)
+def test_hold_normalised_gives_the_same_batches_bit_for_bit(
+    prepared_mnist, channels_last, augment, inputs
+):
+    """Normalising the whole split once (training) and each batch on the fly give the same
+    tensors, values and memory layout (the strides of size-1 dimensions may differ), for training batches (with augmentation), strided
+    evaluation batches and padded, channel-repeated inputs."""
+    out = prepared_mnist[0]
+    fly, held = (
+        data.DeviceData.load(out, "cpu", normalize=True, augment=augment, inputs=inputs)
+        for _ in range(2)
+    )
+    fly.channels_last = held.channels_last = channels_last
+    assert held.hold_normalised() and held.train_x.dtype == torch.float32
+    assert not fly.hold_normalised(budget_bytes=1) and fly.train_x.dtype == torch.uint8
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    pairs = [
+        *zip(epoch(fly, 7, seed=2)[2], epoch(held, 7, seed=2)[2], strict=True),
+        *zip(fly.eval_batches("train", 5, 3), held.eval_batches("train", 5, 3), strict=True),
+        *zip(fly.eval_batches("test", 6), held.eval_batches("test", 6), strict=True),
+    ]
+    for (xf, yf), (xh, yh) in pairs:
+        assert torch.equal(xf, xh) and torch.equal(yf, yh)
+        assert xf.is_contiguous(memory_format=layout) and xh.is_contiguous(memory_format=layout)

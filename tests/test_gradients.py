@@ -89,3 +89,46 @@ def test_no_records_keep_the_columns(tmp_path):
     df = aggregate([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "g.parquet", flags)
     assert len(df) == len(full) and {"vanishing", "exploding"} <= set(df.columns)
     assert df["step"].dtype == "int64" and not df["exploding"].any()
+
+
+def test_reached_and_moved_equal_the_per_step_masks():
+    """The running maxima (with pruning of complete tensors) give exactly the masks of the
+    plain definition, `g != 0` and `θ != θ0` or-ed over every step, on a net with dead
+    units, exact zero updates, a NaN gradient, and a snapshot round trip midway."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight[:2] = -5.0  # two units dead on positive inputs
+        model[0].bias[:2] = -5.0
+    params = list(model.parameters())
+    init = [q.detach().clone() for q in params]
+    ref_r = [torch.zeros_like(q, dtype=torch.bool) for q in params]
+    ref_m = [torch.zeros_like(q, dtype=torch.bool) for q in params]
+    rec = GradientRecorder(model, every=None, track_reached=True)
+    opt = torch.optim.SGD(params, lr=0.1)
+    for step in range(1, 21):
+        opt.zero_grad(set_to_none=True)
+        model(torch.rand(4, 6)).sum().backward()
+        with torch.no_grad():
+            params[2].grad[0, 4] = 0.0 if step < 20 else float("nan")  # NaN at the last step
+            params[3].grad.zero_()  # the last bias never gets a gradient, never moves
+        for q, r in zip(params, ref_r, strict=True):
+            r |= q.grad != 0
+        rec.after_backward(step)
+        opt.step()
+        for q, q0, m in zip(params, init, ref_m, strict=True):
+            m |= q.detach() != q0
+        rec.after_step()
+        if step == 10:  # continue in a fresh recorder from a snapshot of this one
+            state = rec.state_dict()
+            rec = GradientRecorder(model, every=None, track_reached=True)
+            rec.initial = [q.clone() for q in init]
+            rec.load_state_dict(state)
+    for got, want in ((rec.reached, ref_r), (rec.moved, ref_m)):
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+    assert not ref_r[0][:2].any() and ref_r[2][0, 4] and not ref_m[3].any()
+    rec.prune()  # the complete tensors are the ones dropped from the update
+    assert rec.open_reached == [i for i, r in enumerate(ref_r) if not r.all()]
+    assert rec.open_moved == [i for i, m in enumerate(ref_m) if not m.all()]
+    assert len(rec.open_reached) < len(params)

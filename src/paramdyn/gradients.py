@@ -7,6 +7,7 @@ The run's ``gradients.parquet`` is :meth:`GradientRecorder.table`; the masks go 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,11 @@ from . import checkpoints
 GRAD_STATS = ("grad_l2", "grad_max_abs", "zeros", "nans", "infs")
 
 
-PRUNE_STEPS = 16  # how often a CPU run stops updating the masks that are complete
+PRUNE_STEPS = 16  # after the first steps, how often the complete masks are looked for
+
+
+def _differ(his: list[torch.Tensor], los: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [h != lo for h, lo in zip(his, los, strict=True)]
 
 
 class GradientRecorder:
@@ -26,7 +31,19 @@ class GradientRecorder:
     NaN and Inf counts), computed on the device right after ``backward()`` and kept there:
     they are read back only at the loop's sync points (epoch ends, snapshots), so recording
     adds no device synchronisation. With ``track_reached`` it also keeps, per entry,
-    whether any step ever gave it a non-zero gradient."""
+    whether any step ever gave it a non-zero gradient ('reached') and whether it ever left
+    its initial value ('moved').
+
+    The masks are kept as running extremes: the largest and smallest gradient so far (from
+    0) and the largest and smallest value so far (from θ0), updated in place by four
+    ``torch._foreach`` calls a step for all tensors (where a mask per tensor took two ops
+    and a temporary per tensor: the step's small ops are what a CPU step pays for). An
+    entry is reached (moved) exactly when its two extremes differ: some g != 0 (some
+    θ != θ0) made one of them leave the start, and a NaN makes both NaN. A tensor whose
+    entries are all reached (moved) cannot change any more, so it is dropped from the
+    update: exact, and with SGD or Adam nearly every tensor is complete after the first
+    step. The complete ones are looked for after steps 1, 2, 4, 8, then every PRUNE_STEPS
+    (one read back of one flag per tensor)."""
 
     def __init__(self, model: torch.nn.Module, every: int | None, track_reached: bool):
         named = list(model.named_parameters())
@@ -36,31 +53,38 @@ class GradientRecorder:
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.steps: list[int] = []
         self.stats: list[torch.Tensor] = []  # each (n_tensors, len(GRAD_STATS)), float64, CPU
-        self.reached = (
-            [torch.zeros_like(q, dtype=torch.bool) for q in self.params] if track_reached else None
-        )
-        # entries that ever left their initial value (exact, at every step)
-        self.moved = (
-            [torch.zeros_like(q, dtype=torch.bool) for q in self.params] if track_reached else None
-        )
-        self.initial = [q.detach().clone() for q in self.params] if track_reached else None
-        # tensors whose masks are not yet all True (a full mask cannot change any more, so
-        # it is skipped: exact); pruned at the sync points, and every PRUNE_STEPS on a CPU
+        self.track = track_reached
+        if track_reached:
+            self.grad_hi = [torch.zeros_like(q) for q in self.params]
+            self.grad_lo = [torch.zeros_like(q) for q in self.params]
+            self.initial = [q.detach().clone() for q in self.params]
+            self.value_hi = [q.detach().clone() for q in self.params]
+            self.value_lo = [q.detach().clone() for q in self.params]
         self.open_reached = self.open_moved = list(range(len(self.params)))
-        self.prune_every = PRUNE_STEPS if all(q.device.type == "cpu" for q in self.params) else 0
         self.seen = 0
 
     @property
     def active(self) -> bool:
-        return bool(self.every) or self.reached is not None
+        return bool(self.every) or self.track
+
+    @property
+    def reached(self) -> list[torch.Tensor] | None:
+        """Per tensor, the entries that got a non-zero gradient at some step (a bool mask)."""
+        return _differ(self.grad_hi, self.grad_lo) if self.track else None
+
+    @property
+    def moved(self) -> list[torch.Tensor] | None:
+        """Per tensor, the entries that differed from their initial value after some step."""
+        return _differ(self.value_hi, self.value_lo) if self.track else None
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
         """``step``: the optimizer step about to be taken (1 = the first)."""
         grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
-        if self.reached is not None:
-            for i in self.open_reached:
-                self.reached[i].logical_or_(grads[i] != 0)
+        if self.track and self.open_reached:
+            seen = [grads[i] for i in self.open_reached]
+            torch._foreach_maximum_([self.grad_hi[i] for i in self.open_reached], seen)
+            torch._foreach_minimum_([self.grad_lo[i] for i in self.open_reached], seen)
         if self.every and step % self.every == 0:
             cols = [
                 torch.stack(torch._foreach_norm(grads)),
@@ -73,18 +97,26 @@ class GradientRecorder:
 
     @torch.no_grad()
     def after_step(self) -> None:
-        if self.moved is not None:
-            for i in self.open_moved:
-                self.moved[i].logical_or_(self.params[i] != self.initial[i])
-            self.seen += 1
-            if self.prune_every and self.seen % self.prune_every == 0:
-                self.prune()
+        if not self.track:
+            return
+        if self.open_moved:
+            values = [self.params[i] for i in self.open_moved]
+            torch._foreach_maximum_([self.value_hi[i] for i in self.open_moved], values)
+            torch._foreach_minimum_([self.value_lo[i] for i in self.open_moved], values)
+        self.seen += 1
+        if self.seen in (1, 2, 4, 8) or self.seen % PRUNE_STEPS == 0:
+            self.prune()
 
     def prune(self) -> None:
-        """Stop updating the masks that are all True (reads them: a sync on a GPU)."""
-        if self.reached is not None:
-            self.open_reached = [i for i in self.open_reached if not bool(self.reached[i].all())]
-            self.open_moved = [i for i in self.open_moved if not bool(self.moved[i].all())]
+        """Stop updating the tensors whose masks are complete (one read back)."""
+        if not self.track or not (self.open_reached or self.open_moved):
+            return
+        pairs = [(self.grad_hi[i], self.grad_lo[i]) for i in self.open_reached]
+        pairs += [(self.value_hi[i], self.value_lo[i]) for i in self.open_moved]
+        complete = torch.stack([(h != lo).all() for h, lo in pairs]).tolist()
+        done_r, done_m = complete[: len(self.open_reached)], complete[len(self.open_reached) :]
+        self.open_reached = [i for i, d in zip(self.open_reached, done_r, strict=True) if not d]
+        self.open_moved = [i for i, d in zip(self.open_moved, done_m, strict=True) if not d]
 
     def flush(self) -> None:
         self.prune()
@@ -100,7 +132,7 @@ class GradientRecorder:
         out["grad.stats"] = (
             torch.stack(self.stats) if self.stats else torch.zeros(0, len(self.names), 5)
         ).double()
-        if self.reached is not None:
+        if self.track:
             for n, r, m in zip(self.names, self.reached, self.moved, strict=True):
                 out[f"reached.{n}"], out[f"moved.{n}"] = r.cpu(), m.cpu()
         return out
@@ -108,10 +140,15 @@ class GradientRecorder:
     def load_state_dict(self, t: dict[str, torch.Tensor]) -> None:
         self.steps = t["grad.steps"].tolist()
         self.stats = list(t["grad.stats"].unbind(0))
-        if self.reached is not None:
+        if self.track:  # a True entry as extremes that differ for good: 1 (or +inf) and 0
             for i, n in enumerate(self.names):
-                self.reached[i].copy_(t[f"reached.{n}"])
-                self.moved[i].copy_(t[f"moved.{n}"])
+                reached, moved = (
+                    t[k].to(self.params[i].device) for k in (f"reached.{n}", f"moved.{n}")
+                )
+                self.grad_hi[i].copy_(reached)
+                self.grad_lo[i].zero_()
+                self.value_hi[i].copy_(self.initial[i].masked_fill(moved, math.inf))
+                self.value_lo[i].copy_(self.initial[i])
             self.open_reached = self.open_moved = list(range(len(self.params)))
             self.prune()
 

@@ -30,7 +30,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,32 +143,35 @@ def initial_model(spec: RunSpec, init_checkpoint: Path | str | None) -> torch.nn
 
 @dataclass
 class Meter:
-    """The epoch's summed loss, correct count and non-finite flag, kept on the device."""
+    """The epoch's summed loss and correct count. A step only keeps its loss, logits and
+    labels (no arithmetic: every small op costs a CPU step tens of microseconds); the sums
+    are taken when read (:meth:`sync`: the divergence check every 10 steps, snapshots,
+    the epoch's end), the loss in float64 in step order, as the per-step sum did."""
 
-    loss_sum: torch.Tensor
-    correct: torch.Tensor
-    bad: torch.Tensor
+    loss_sum: float
+    correct: int
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @classmethod
-    def resume(cls, p: Progress, device: torch.device) -> Meter:
+    def resume(cls, p: Progress) -> Meter:
         """Continuing the sums ``p`` holds (zero at an epoch's start)."""
-        return cls(
-            torch.tensor(p.loss_sum, device=device, dtype=torch.float64),
-            torch.tensor(p.correct, device=device, dtype=torch.int64),
-            torch.zeros((), device=device, dtype=torch.bool),
-        )
+        return cls(p.loss_sum, p.correct)
+
+    def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        self.kept.append((loss.detach(), out.detach(), y))
 
     @torch.no_grad()
-    def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
-        self.loss_sum += loss.detach().double() * y.shape[0]
-        self.correct += (out.argmax(1) == y).sum()
-        self.bad |= ~torch.isfinite(loss.detach())
-
     def sync(self, p: Progress) -> bool:
-        """Read the sums back into ``p`` (one synchronisation); True when the loss went
-        non-finite."""
-        p.loss_sum, p.correct = self.loss_sum.item(), int(self.correct.item())
-        return bool(self.bad.item())
+        """Add the kept steps to the sums and into ``p`` (one read back); True when the
+        loss went non-finite (it stays so: no finite float32 losses overflow the sum)."""
+        if self.kept:
+            losses, outs, ys = zip(*self.kept, strict=True)
+            for loss, y in zip(torch.stack(losses).tolist(), ys, strict=True):
+                self.loss_sum += loss * y.shape[0]  # exact product, the same float64 adds
+            self.correct += int((torch.cat(outs).argmax(1) == torch.cat(ys)).sum())
+            self.kept.clear()
+        p.loss_sum, p.correct = self.loss_sum, self.correct
+        return not math.isfinite(self.loss_sum)
 
 
 @dataclass
@@ -205,6 +208,7 @@ class Run:
         if conv:  # NHWC: faster convolutions on CPU (oneDNN) and GPU (tensor cores)
             model.to(memory_format=torch.channels_last)
         data.channels_last = conv
+        data.hold_normalised()  # each batch a gather, each evaluation batch a slice
         optimizer = make_optimizer(
             spec.optimizer_name, model.parameters(), dict(spec.optimizer_settings)
         )
@@ -277,7 +281,7 @@ class Run:
 class Callback:
     """A cadence of the training loop. Each hook is called for every callback of the run's
     list, in order: ``after_backward`` once the gradients are there (the optimizer step
-    not taken yet), ``after_step`` after the optimizer and schedule steps (True ends the
+    not taken yet), ``after_step`` after the optimizer step (True ends the
     epoch there, and skips the later callbacks), ``after_epoch`` after a completed epoch."""
 
     def after_backward(self, run: Run) -> None:
@@ -301,6 +305,15 @@ class GradientRecords(Callback):
 
     def after_step(self, run: Run) -> bool:
         self.recorder.after_step()
+        return False
+
+
+class ScheduleStep(Callback):
+    """The learning-rate schedule's step (only for a schedule that changes the rate: each
+    call costs a CPU step tens of microseconds)."""
+
+    def after_step(self, run: Run) -> bool:
+        run.state.lr_scheduler.step()
         return False
 
 
@@ -354,6 +367,7 @@ def callbacks_for(run: Run, work: WorkDir, snapshot_seconds: float) -> list[Call
     """The run's cadences, in the order they are called."""
     spec, grads = run.spec, run.state.grads
     return [
+        *([ScheduleStep()] if spec.schedule != "constant" else []),
         *([GradientRecords(grads)] if grads.active else []),
         DivergenceCheck(),
         *([StepCheckpoints(spec.checkpoint_every_steps)] if spec.checkpoint_every_steps else []),
@@ -372,7 +386,6 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, callbacks: list[Callb
     for cb in callbacks:
         cb.after_backward(run)
     state.optimizer.step()
-    state.lr_scheduler.step()
     run.meter.add(loss, out, y)
 
 
@@ -386,7 +399,7 @@ def train_one_epoch(run: Run, callbacks: list[Callback]) -> None:
     else:
         gen.set_state(p.epoch_rng)
     run.state.model.train()
-    run.meter = Meter.resume(p, run.device)
+    run.meter = Meter.resume(p)
     for i, (x, y) in enumerate(run.data.train_batches(spec.batch_size, gen)):
         if i < p.batch:  # replay the data order (and augmentation draws) up to here
             continue
@@ -503,7 +516,7 @@ def write_outputs(run: Run, work: Path, threads: int) -> dict[str, Any]:
     spec, p, grads = run.spec, run.state.progress, run.state.grads
     table = grads.table(run.state.model.block_of(), lambda s: s // run.steps_per_epoch)
     _write_run_table(table, spec, p.status, work / "gradients.parquet")
-    if grads.reached is not None:
+    if grads.track:
         grads.write_masks(work / paths.GRAD_REACHED, spec.run_id)
     hist = pd.DataFrame(p.history)
     _write_run_table(hist, spec, p.status, work / "history.parquet")
