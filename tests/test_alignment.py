@@ -376,3 +376,17 @@ def test_matching_ends_where_no_group_can_improve(name):
         sim = _group_similarity(spec, sa, al.apply_permutation(spec, others, sb), g).numpy()
         best = sim[linear_sum_assignment(sim, maximize=True)].sum()
         assert sim[range(n), perms[g].numpy()].sum() >= best * (1 - 1e-9), g
+
+
+class _ChannelMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(6, 2)
+
+    def forward(self, x):  # the mean over channels, not a pool: the channel axis is gone
+        return self.fc(self.conv(x).mean(1).flatten(1)[:, :6])
+
+
+def test_a_mean_over_channels_is_refused():
+    with pytest.raises(al.AlignmentError, match="spatial axes"):
+        al.permutation_spec(_ChannelMean(), _input())

@@ -103,3 +103,22 @@ def test_kaiming_normal_scale():
     w = m.layer2[0].conv1.weight
     fan_out = w.shape[0] * w.shape[2] * w.shape[3]
     assert float(w.std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 4, 4), (5, 7, 13, 11), (4, 32, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_global_avg_pool_is_adaptive_avg_pool_bit_for_bit(shape, channels_last):
+    """The models' global pool (a mean, deterministic on CUDA) gives the values and
+    gradients of flatten(adaptive_avg_pool2d(x, 1), 1) exactly on a CPU."""
+    from paramdyn.models import global_avg_pool
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(a, 1), 1)
+    yb = global_avg_pool(b)
+    g = torch.randn(ya.shape, generator=torch.Generator().manual_seed(1))
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad)

@@ -211,6 +211,18 @@ def _add(w: _Walk, node: fx.Node, module: Any) -> _Feat:
     return _Feat(space, feats[0].block)
 
 
+def _mean(w: _Walk, node: fx.Node, module: Any) -> _Feat:
+    """``x.mean(dims)`` over spatial axes only (a global average pool): the channel axis
+    passes unchanged."""
+    x = node.args[0]
+    f, sin = w.feat(x, node), _shape(x)
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    dims = {d % len(sin) for d in ((dims,) if isinstance(dims, int) else tuple(dims or ()))}
+    if f.block != 1 or len(sin) < 3 or not dims or dims & {0, 1}:
+        raise AlignmentError(f"{_describe(node)}: a mean not over a feature map's spatial axes")
+    return f
+
+
 def _flatten_dims(node: fx.Node, module: Any) -> tuple[int, int]:
     if module is not None:
         return module.start_dim, module.end_dim
@@ -300,6 +312,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     operator.add: _add,
     torch.add: _add,
     torch.flatten: _flatten,
+    torch.mean: _mean,
 }  # fmt: skip
 """Function called in a forward -> rule."""
 
@@ -309,6 +322,7 @@ METHOD_RULES: dict[str, Rule] = {
     "add": _add,
     "add_": _add,
     "flatten": _flatten,
+    "mean": _mean,
     "contiguous": _through,
 }
 """Tensor method called in a forward -> rule."""

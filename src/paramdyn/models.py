@@ -18,6 +18,14 @@ from . import catalog
 from .checkpoints import BlockError, block_of
 
 
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C], the mean over the spatial axes: on a CPU bit for bit
+    ``flatten(adaptive_avg_pool2d(x, 1), 1)`` (forward and backward), and with a
+    deterministic CUDA backward, which adaptive_avg_pool2d lacks (under
+    ``deterministic: true`` its backward raises)."""
+    return x.mean((2, 3))
+
+
 class Classifier(nn.Module):
     """A model whose building blocks are named, ordered input -> output."""
 
@@ -177,7 +185,7 @@ class ResNet(Classifier):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return global_avg_pool(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
@@ -288,7 +296,7 @@ class VGG(Classifier):
         x = self.features_stack(x)
         if self.form == "imagenet":
             return self.classifier[:-1](torch.flatten(F.adaptive_avg_pool2d(x, 7), 1))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return global_avg_pool(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier[-1](self.features(x))
@@ -339,7 +347,7 @@ class ConvStack(Classifier):
             x = F.relu(x + b(x)) if self.residual else F.relu(b(x))
         if self.head_kind == "flatten":
             return x.flatten(1)
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return global_avg_pool(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
