@@ -120,9 +120,13 @@ def test_reached_and_moved_equal_the_per_step_masks():
             m |= q.detach() != q0
         rec.after_step()
         if step == 10:  # continue in a fresh recorder from a snapshot of this one
-            state = rec.state_dict()
-            rec = GradientRecorder(model, every=None, track_reached=True)
-            rec.initial = [q.clone() for q in init]
+            state, now = rec.state_dict(), [q.detach().clone() for q in params]
+            with torch.no_grad():  # built on the initial weights, as Run.build does
+                for q, q0 in zip(params, init, strict=True):
+                    q.copy_(q0)
+                rec = GradientRecorder(model, every=None, track_reached=True)
+                for q, q1 in zip(params, now, strict=True):
+                    q.copy_(q1)
             rec.load_state_dict(state)
     for got, want in ((rec.reached, ref_r), (rec.moved, ref_m)):
         for g, w in zip(got, want, strict=True):

@@ -57,7 +57,6 @@ class GradientRecorder:
         if track_reached:
             self.grad_hi = [torch.zeros_like(q) for q in self.params]
             self.grad_lo = [torch.zeros_like(q) for q in self.params]
-            self.initial = [q.detach().clone() for q in self.params]
             self.value_hi = [q.detach().clone() for q in self.params]
             self.value_lo = [q.detach().clone() for q in self.params]
         self.open_reached = self.open_moved = list(range(len(self.params)))
@@ -138,17 +137,18 @@ class GradientRecorder:
         return out
 
     def load_state_dict(self, t: dict[str, torch.Tensor]) -> None:
+        """Continue from :meth:`state_dict`'s records, in a recorder built on the run's
+        initial weights (as ``train.Run.build`` does, before a snapshot is restored)."""
         self.steps = t["grad.steps"].tolist()
         self.stats = list(t["grad.stats"].unbind(0))
-        if self.track:  # a True entry as extremes that differ for good: 1 (or +inf) and 0
+        if self.track:  # a True entry as extremes that differ for good: 1 and 0, +inf and θ0
             for i, n in enumerate(self.names):
                 reached, moved = (
                     t[k].to(self.params[i].device) for k in (f"reached.{n}", f"moved.{n}")
                 )
                 self.grad_hi[i].copy_(reached)
                 self.grad_lo[i].zero_()
-                self.value_hi[i].copy_(self.initial[i].masked_fill(moved, math.inf))
-                self.value_lo[i].copy_(self.initial[i])
+                self.value_hi[i].copy_(self.value_lo[i].masked_fill(moved, math.inf))
             self.open_reached = self.open_moved = list(range(len(self.params)))
             self.prune()
 
