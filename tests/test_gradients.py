@@ -132,7 +132,29 @@ def test_reached_and_moved_equal_the_per_step_masks():
         for g, w in zip(got, want, strict=True):
             assert torch.equal(g, w)
     assert not ref_r[0][:2].any() and ref_r[2][0, 4] and not ref_m[3].any()
-    rec.prune()  # the complete tensors are the ones dropped from the update
-    assert rec.open_reached == [i for i, r in enumerate(ref_r) if not r.all()]
-    assert rec.open_moved == [i for i, m in enumerate(ref_m) if not m.all()]
-    assert len(rec.open_reached) < len(params)
+    rec.reach.prune()  # the complete tensors are the ones dropped from the update
+    assert rec.reach.open_reached == [i for i, r in enumerate(ref_r) if not r.all()]
+    assert rec.reach.open_moved == [i for i, m in enumerate(ref_m) if not m.all()]
+    assert len(rec.reach.open_reached) < len(params)
+
+
+def test_reach_follows_float_equality_not_bits():
+    """-0.0 is no gradient and no move from +0.0; a sign flip of a non-zero value is a
+    move; NaN counts as both; float64 and float16 tensors are tracked as float32 ones."""
+    from paramdyn.gradients import Reach
+
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        q = torch.tensor([0.0, 0.5, 1.0, 0.0, 2.0, -0.0], dtype=dtype)
+        reach = Reach([q])
+        steps = [  # (gradient, value after the step)
+            ([-0.0, 0.0, -0.0, 0.0, 0.0, 0.0], [-0.0, -0.5, 1.0, 0.0, 2.0, 0.0]),
+            ([0.0, 0.0, 1e-3, float("nan"), 0.0, -0.0], [0.0, -0.5, 1.0, 0.0, float("nan"), 0.0]),
+            ([0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [-0.0, 0.5, 1.0, 0.0, 2.0, -0.0]),
+        ]
+        for g, v in steps:
+            q.grad = torch.tensor(g, dtype=dtype)
+            reach.after_backward()
+            q.copy_(torch.tensor(v, dtype=dtype))
+            reach.after_step()
+        assert reach.reached[0].tolist() == [False, False, True, True, False, False]
+        assert reach.moved[0].tolist() == [False, True, False, False, True, False]
