@@ -79,11 +79,18 @@ class Reach:
 
     @property
     def reached(self) -> list[torch.Tensor]:
-        return [self._reached(i) for i in range(len(self.params))]
+        return self._masks(self._reached, self.open_reached)
 
     @property
     def moved(self) -> list[torch.Tensor]:
-        return [self._moved(i) for i in range(len(self.params))]
+        return self._masks(self._moved, self.open_moved)
+
+    def _masks(self, mask, open_: list[int]) -> list[torch.Tensor]:
+        """Per tensor, ``mask(i)``; all True for a dropped (complete) one, without a pass."""
+        return [
+            mask(i) if i in open_ else torch.ones_like(b, dtype=torch.bool)
+            for i, b in enumerate(self.grad_or)
+        ]
 
     def prune(self) -> None:
         """Stop updating the tensors whose masks are complete. The moved mask is looked at
