@@ -193,3 +193,20 @@ def test_no_pickle_anywhere():
             assert "weights_only=True" in m.group(1), path
         if path.name != "data.py":  # data.py: CIFAR's own format, via a numpy-only unpickler
             assert not re.search(r"\bpickle\.(loads?|Unpickler)\b", text), path
+
+
+@pytest.mark.parametrize("schedule", ["constant", "step", "cosine"])
+def test_history_lr_follows_the_schedule(synthetic, tmp_path, schedule):
+    """The learning rate in the history is the base rate times the schedule's multiplier
+    at the steps done (the schedule is stepped after every optimizer step, and not at all
+    when it is constant)."""
+    from paramdyn.train import SCHEDULE_BUILDERS
+
+    spec = make_spec(models=["lenet5"], schedule=schedule, epochs=4, augment=False, gradients={})
+    info = train_run(spec, synthetic, tmp_path / "run", device="cpu")
+    total = info["derived"]["total_steps"]
+    hist = history_without_time(tmp_path / "run")
+    assert len(hist) == 10 and (hist.step.diff().fillna(0) >= 0).all()
+    for step, lr in zip(hist.step, hist.lr, strict=True):
+        assert lr == 0.05 * SCHEDULE_BUILDERS[schedule](int(step), total)
+    assert (hist.lr.nunique() == 1) == (schedule == "constant")
