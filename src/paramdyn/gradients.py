@@ -7,6 +7,7 @@ The run's ``gradients.parquet`` is :meth:`GradientRecorder.table`; the masks go 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +29,17 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 class Reach:
     """Per entry of every parameter tensor: did any step give it a non-zero gradient
-    ('reached'), and did it ever differ from its initial value ('moved'). Exact, from the
-    bit patterns: one in-place integer op a tensor after ``backward()`` (the OR of the
-    gradients' bits) and two after the optimizer step (the OR and the AND of the values'
-    bits, from θ0's). Integer ops are the cheapest elementwise kernels there are, and a
-    CPU step pays for every extra pass over the weights (on a 32x32 ResNet-18, two thirds
-    of the weights are never reached and stay in the update).
+    ('reached'), and did it ever differ from its initial value ('moved'). Exact, and
+    cheap: a CPU step pays for every extra op (tens of microseconds each, in the middle
+    of a step) and every extra pass over the weights (on a 32x32 ResNet-18, two thirds of
+    the weights are never reached and stay in the update).
 
-    - reached: some g had a magnitude bit set (so g != 0; -0.0 has the sign bit only, a
-      NaN its exponent bits);
-    - moved: some θ_t's bits differed from θ0's (OR != AND) and not only in the sign of a
-      zero (+0.0 == -0.0): θ0 or a θ_t had a magnitude bit set.
+    - reached: the OR of the gradients' bit patterns (one in-place integer op a tensor
+      after ``backward()``) has a magnitude bit set: some g != 0 (-0.0 has the sign bit
+      only, a NaN its exponent bits);
+    - moved: the largest and smallest value so far, from θ0 (two ``torch._foreach`` calls
+      after the optimizer step, for all tensors), differ: some θ_t != θ0 (+0.0 and -0.0
+      compare equal; a NaN makes both NaN, which differ).
 
     A tensor whose entries are all reached (moved) cannot change any more, so it is
     dropped from the update (exact; with SGD or Adam nearly every tensor is complete
@@ -49,9 +50,9 @@ class Reach:
     def __init__(self, params: list[torch.Tensor]):
         self.params = params
         self.grad_or = [torch.zeros_like(_bits(q)) for q in params]
-        self.value_or = [_bits(q).clone() for q in params]
-        self.value_and = [_bits(q).clone() for q in params]
         self.magnitude = [torch.iinfo(b.dtype).max for b in self.grad_or]  # all but the sign
+        self.value_hi = [q.detach().clone() for q in params]
+        self.value_lo = [q.detach().clone() for q in params]
         self.open_reached = self.open_moved = list(range(len(params)))
         self.seen = 0
 
@@ -62,10 +63,10 @@ class Reach:
                 self.grad_or[i].bitwise_or_(_bits(g))
 
     def after_step(self) -> None:
-        for i in self.open_moved:
-            value = _bits(self.params[i])
-            self.value_or[i].bitwise_or_(value)
-            self.value_and[i].bitwise_and_(value)
+        if self.open_moved:
+            values = [self.params[i].detach() for i in self.open_moved]
+            torch._foreach_maximum_([self.value_hi[i] for i in self.open_moved], values)
+            torch._foreach_minimum_([self.value_lo[i] for i in self.open_moved], values)
         self.seen += 1
         if self.seen & (self.seen - 1) == 0 and self.seen.bit_length() % 2:  # 1, 4, 16, ...
             self.prune()
@@ -74,8 +75,7 @@ class Reach:
         return self.grad_or[i].bitwise_and(self.magnitude[i]) != 0
 
     def _moved(self, i: int) -> torch.Tensor:
-        both = self.value_or[i]
-        return (both != self.value_and[i]) & (both.bitwise_and(self.magnitude[i]) != 0)
+        return self.value_hi[i] != self.value_lo[i]
 
     @property
     def reached(self) -> list[torch.Tensor]:
@@ -95,8 +95,7 @@ class Reach:
     def prune(self) -> None:
         """Stop updating the tensors whose masks are complete. The moved mask is looked at
         only in tensors whose entries are all reached (an entry never reached rarely moves;
-        one that does, under weight decay, stays tracked: also exact), as that look costs
-        five passes over the tensor. Two read backs."""
+        one that does, under weight decay, stays tracked: also exact). Two read backs."""
         if self.open_reached:
             done = [self.grad_or[i].bitwise_and(self.magnitude[i]).all() for i in self.open_reached]
             done = torch.stack(done).tolist()
@@ -110,12 +109,11 @@ class Reach:
 
     def load_masks(self, reached: list[torch.Tensor], moved: list[torch.Tensor]) -> None:
         """Continue from masks (a snapshot's), in a tracker built on the initial weights:
-        a reached entry as a gradient bit 1, a moved one as OR all ones and AND zero."""
+        a reached entry as a gradient bit 1, a moved one as a largest value of +inf."""
         for i, (r, m) in enumerate(zip(reached, moved, strict=True)):
             r, m = r.to(self.grad_or[i].device), m.to(self.grad_or[i].device)
             self.grad_or[i].copy_(r)
-            self.value_or[i].masked_fill_(m, -1)
-            self.value_and[i].masked_fill_(m, 0)
+            self.value_hi[i].masked_fill_(m, math.inf)
         self.open_reached = self.open_moved = list(range(len(self.params)))
         self.prune()
 
