@@ -1,13 +1,16 @@
 """Training: one run of a study's grid, from its :class:`~paramdyn.config.RunSpec`.
 
-The whole dataset sits on the training device as uint8 (``data.DeviceData``); batches are
-normalised there. Loss and accuracy accumulate on the device and are read back once per
-epoch, so the loop never waits on the GPU per step. Checkpoints are written at step 0 (the
-init), at the configured cadence, and at the end.
+The whole dataset sits on the training device, normalised once (``data.DeviceData``): a
+batch is a gather. Each step's loss and logits are kept on the device and summed when the
+divergence check reads them (every 10 steps), so the loop never waits on the GPU per step.
+On a CPU every small op in a step costs tens of microseconds, so a step does no more than
+it must. Checkpoints are written at step 0 (the init), at the configured cadence, and at
+the end.
 
 :func:`train_run` builds a :class:`Run` and calls :func:`train_one_epoch` until done; what
-happens every so many steps (gradient records, the divergence check, step checkpoints,
-snapshots) is a list of :class:`Callback` objects, called in order after every step.
+happens every so many steps (the schedule, gradient records, the divergence check, step
+checkpoints, snapshots) is a list of :class:`Callback` objects, called in order after every
+step.
 
 Reliability (the work directory and snapshots: :mod:`paramdyn.resume`):
 
