@@ -23,10 +23,6 @@ GRAD_STATS = ("grad_l2", "grad_max_abs", "zeros", "nans", "infs")
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().view(_BITS[t.element_size()])
-
-
 class Reach:
     """Per entry of every parameter tensor: did any step give it a non-zero gradient
     ('reached'), and did it ever differ from its initial value ('moved'). Exact, and
@@ -45,11 +41,12 @@ class Reach:
     dropped from the update (exact; with SGD or Adam nearly every tensor is complete
     after the first step, or never). The complete ones are looked for after steps 1, 4,
     16, 64, ... (powers of four: each look is a few passes over the open tensors, and one
-    read back of one flag per tensor) and after a snapshot is restored."""
+    read back of one flag per tensor) and after a snapshot is restored. Its updates are
+    called under ``torch.no_grad()`` (as :class:`GradientRecorder` calls them)."""
 
     def __init__(self, params: list[torch.Tensor]):
         self.params = params
-        self.grad_or = [torch.zeros_like(_bits(q)) for q in params]
+        self.grad_or = [torch.zeros_like(q, dtype=_BITS[q.element_size()]) for q in params]
         self.magnitude = [torch.iinfo(b.dtype).max for b in self.grad_or]  # all but the sign
         self.value_hi = [q.detach().clone() for q in params]
         self.value_lo = [q.detach().clone() for q in params]
@@ -60,11 +57,11 @@ class Reach:
         for i in self.open_reached:
             g = self.params[i].grad
             if g is not None:  # no gradient: a zero one
-                self.grad_or[i].bitwise_or_(_bits(g))
+                self.grad_or[i].bitwise_or_(g.view(self.grad_or[i].dtype))
 
     def after_step(self) -> None:
         if self.open_moved:
-            values = [self.params[i].detach() for i in self.open_moved]
+            values = [self.params[i] for i in self.open_moved]  # called under no_grad
             torch._foreach_maximum_([self.value_hi[i] for i in self.open_moved], values)
             torch._foreach_minimum_([self.value_lo[i] for i in self.open_moved], values)
         self.seen += 1
