@@ -27,6 +27,7 @@ rule interpolate:
             "models",
             "checkpoints",
             "features",
+            "loaders",
             "devices",
             "runs",
             "tables",

@@ -20,6 +20,7 @@ rule features:
         probe_seed=lambda w: STUDIES[w.study].features["probe_seed"],
         code=code_hash(
             "features",
+            "loaders",
             "models",
             "data",
             "checkpoints",

@@ -201,19 +201,6 @@ def analysed_runs(runs: Mapping[str, Any], where: Mapping[str, Any] | None = Non
 # --- the per-run functions ---------------------------------------------------------------------
 
 
-def _model_and_data(run, dataset_path, device: str = "cpu"):
-    from .data import DeviceData
-    from .devices import resolve_device
-    from .models import build_model
-
-    spec, dev = run.spec, resolve_device(device)
-    model = build_model(spec.model_name, spec.dataset, spec.model_settings, spec.inputs).to(dev)
-    data = DeviceData.load(
-        dataset_path, dev, normalize=spec.normalize, augment=False, inputs=spec.inputs
-    )
-    return model, data
-
-
 def _write(df: pd.DataFrame, run, out: Path | str, meta: Mapping[str, Any]) -> pd.DataFrame:
     from .tables import insert_run_columns, write_parquet
 
@@ -266,8 +253,9 @@ def run_curvature(run, dataset_path, options, out, *, keep_steps=True, device="c
     with its step, epoch and the run's optimizer lr (column ``lr``; NaN without one)."""
     from .checkpoints import load_into
     from .curvature import subset_batches
+    from .loaders import run_model_and_data
 
-    model, data = _model_and_data(run, dataset_path, device)
+    model, data = run_model_and_data(run.spec, dataset_path, device)
     batches = subset_batches(
         data, options["subset"], options["batch_size"], seed=options["subset_seed"]
     )
@@ -313,8 +301,9 @@ def run_grams(run, dataset_path, options, out_grams, out_table, *, keep_steps=Tr
     from .checkpoints import load_into
     from .features import probe_batches, probe_indices
     from .layer_similarity import block_grams, cka_over_checkpoints, save_grams
+    from .loaders import run_model_and_data
 
-    model, data = _model_and_data(run, dataset_path, device)
+    model, data = run_model_and_data(run.spec, dataset_path, device)
     idx = probe_indices(data.test_x.shape[0], options["probe_size"], options["probe_seed"])
     site = block_site(model)
     chosen = run_checkpoints(run, options, keep_steps)

@@ -31,10 +31,8 @@ import torch
 
 from . import alignment, interpolate, paths, tables
 from .checkpoints import Checkpoint, read_checkpoint
-from .data import DeviceData
-from .devices import resolve_device
+from .loaders import run_model_and_data
 from .measures import compare
-from .models import build_model
 from .runs import FinishedRun
 
 log = logging.getLogger("paramdyn.basins")
@@ -132,11 +130,7 @@ def pair_analysis(
     barriers) and its distance table; ``settings`` is the study's ``interpolation``."""
     a_run, b_run = FinishedRun.read(dir_a), FinishedRun.read(dir_b)
     spec = a_run.spec
-    dev = resolve_device(device)
-    model = build_model(spec.model_name, spec.dataset, spec.model_settings, spec.inputs).to(dev)
-    data = DeviceData.load(
-        dataset_path, dev, normalize=spec.normalize, augment=False, inputs=spec.inputs
-    )
+    model, data = run_model_and_data(spec, dataset_path, device)
     bn, splits = interpolate.path_subsets(
         data,
         bn_size=settings["bn_size"],

@@ -98,6 +98,14 @@ class Checkpoint:
     blocks: list[str]
     tensors: dict[str, torch.Tensor]
 
+    def owner(self, key: str) -> tuple[str, int]:
+        """The block that owns ``key`` and its depth (:func:`block_of` on this checkpoint's
+        block names); a :class:`CheckpointError` naming the file when none or several do."""
+        try:
+            return block_of(key, self.blocks)
+        except BlockError as e:
+            raise CheckpointError(f"{self.path}: parameter {key} lies in blocks {e.hits}") from None
+
 
 def checkpoint_name(step: int) -> str:
     return f"step{step:08d}.safetensors"

@@ -426,8 +426,8 @@ class DeviceData:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=xs.device)
         if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= xs.shape[0]:
             raise ValueError(
-                f"subset_batches: indices must be non-empty and within the {split} split's "
-                f"{xs.shape[0]} images"
+                f"subset_batches: indices out of range: they must be non-empty and within "
+                f"the {split} split's {xs.shape[0]} images"
             )
         return [
             (self._to_float(xs[idx[i : i + batch_size]]), ys[idx[i : i + batch_size]])

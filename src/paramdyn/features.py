@@ -77,15 +77,8 @@ def probe_indices(n_test: int, size: int, seed: int = 0) -> np.ndarray:
 def probe_batches(data, indices: Sequence[int] | np.ndarray, batch_size: int = 1000) -> Iterator:
     """Normalised float batches of the test images ``indices`` of a ``data.DeviceData``
     (on its device, normalised as its evaluation batches are)."""
-    import torch
-
-    idx = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=data.test_x.device)
-    n_test = data.test_x.shape[0]
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_test):
-        raise ValueError(f"probe indices out of range for a test split of {n_test} samples")
-    for i in range(0, idx.numel(), batch_size):
-        x = data.test_x[idx[i : i + batch_size]]
-        yield (x.float().div_(255.0) - data.mean) / data.std
+    for x, _ in data.subset_batches("test", indices, batch_size):
+        yield x
 
 
 def extract_features(model, x_batches: Iterable) -> Any:
@@ -125,17 +118,10 @@ def checkpoint_features(
     """The features of a checkpoint's model on the probe ``indices`` of a prepared dataset
     (``results/datasets/<name>.safetensors``). ``normalize`` and ``inputs`` must be the
     run's."""
-    from .checkpoints import load_into
-    from .data import DeviceData
-    from .devices import resolve_device
-    from .models import build_model
+    from .loaders import ModelForm, model_and_data
 
-    dev = resolve_device(device)
-    inputs = dict(inputs or {})
-    model = build_model(model_name, dataset, dict(model_settings or {}), inputs)
-    load_into(model, checkpoint)
-    model.to(dev)
-    data = DeviceData.load(dataset_path, dev, normalize=normalize, augment=False, inputs=inputs)
+    form = ModelForm(model_name, dataset, model_settings, normalize, inputs)
+    model, data = model_and_data(dataset_path, form, checkpoint, device)
     return extract_features(model, probe_batches(data, indices, batch_size))
 
 

@@ -443,18 +443,11 @@ def checkpoint_grams(
     """:func:`block_grams` of a checkpoint's model on the probe ``indices`` of a prepared
     dataset (as ``features.checkpoint_features``; ``normalize`` and ``inputs`` must be the
     run's)."""
-    from .checkpoints import load_into
-    from .data import DeviceData
-    from .devices import resolve_device
     from .features import probe_batches
-    from .models import build_model
+    from .loaders import ModelForm, model_and_data
 
-    dev = resolve_device(device)
-    inputs = dict(inputs or {})
-    model = build_model(model_name, dataset, dict(model_settings or {}), inputs)
-    load_into(model, checkpoint)
-    model.to(dev)
-    data = DeviceData.load(dataset_path, dev, normalize=normalize, augment=False, inputs=inputs)
+    form = ModelForm(model_name, dataset, model_settings, normalize, inputs)
+    model, data = model_and_data(dataset_path, form, checkpoint, device)
     batches = probe_batches(data, indices, batch_size)
     return block_grams(model, batches, blocks, reduction, site=site)
 

@@ -47,10 +47,8 @@ from safetensors import safe_open
 
 from . import tables
 from .checkpoints import (
-    BlockError,
     Checkpoint,
     CheckpointError,
-    block_of,
     list_checkpoints,
     read_checkpoint,
 )
@@ -101,14 +99,8 @@ class Layout:
             if not any(fnmatch.fnmatchcase(k, pat) for k in names):
                 log.warning("%s: measures.exclude pattern %r matches no parameter", ck.path, pat)
         numel = np.array([ck.tensors[k].numel() for k in names], dtype=np.int64)
-        block, depth = [], []
-        for k in names:
-            try:
-                b, d = block_of(k, ck.blocks)
-            except BlockError as e:
-                raise CheckpointError(f"{ck.path}: parameter {k} lies in blocks {e.hits}") from None
-            block.append(b)
-            depth.append(d)
+        owners = [ck.owner(k) for k in names]
+        block, depth = [b for b, _ in owners], [d for _, d in owners]
         layer = [k.rsplit(".", 1)[0] for k in names]
         regions: list[tuple[np.ndarray, np.ndarray | None]] = []
         pack: list[int] = []

@@ -62,7 +62,7 @@ import pandas as pd
 import torch
 from scipy.stats import entropy
 
-from .checkpoints import BlockError, CheckpointError, block_of, read_checkpoint
+from .checkpoints import read_checkpoint
 
 MIN_EVALS = 10  # fewer nonzero eigenvalues than this: no power-law fit (WeightWatcher: 8)
 ALPHA_RANGE = {"alpha": [1, None]}  # powerlaw's Power_Law range: any alpha > 1, as WW
@@ -253,20 +253,9 @@ def checkpoint_spectra(
     ck = read_checkpoint(path)
     keys = [k for k in ck.parameters if ck.tensors[k].ndim >= 2]
     table = pd.DataFrame(layer_spectra(ck.tensors, keys, fit=fit, search=search), columns=COLUMNS)
-    blocks, depths = [], []
-    for key in table["key"]:
-        if not ck.blocks:
-            blocks.append(None)
-            depths.append(-1)
-            continue
-        try:
-            b, d = block_of(key, ck.blocks)
-        except BlockError as e:
-            raise CheckpointError(f"{ck.path}: parameter {key} lies in blocks {e.hits}") from None
-        blocks.append(b)
-        depths.append(d)
-    table.insert(2, "block", blocks)
-    table.insert(3, "depth", np.array(depths, dtype=np.int64))
+    owners = [ck.owner(key) if ck.blocks else (None, -1) for key in table["key"]]
+    table.insert(2, "block", [b for b, _ in owners])
+    table.insert(3, "depth", np.array([d for _, d in owners], dtype=np.int64))
     for i, (name, value) in enumerate(
         (("run_id", ck.run_id), ("epoch", ck.epoch), ("step", ck.step))
     ):
