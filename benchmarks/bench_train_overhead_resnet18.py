@@ -10,6 +10,11 @@ are about 4% of it; with 1,024, 8%. The recipe is the dynamics study's for its
 ResNet-18 (config.yaml): kaiming-normal init, Adam, batch 128, evaluation batch 256, and
 its instrumentation, ``gradients.track_reached``; 2 epochs (``BENCH_EPOCHS``), a
 checkpoint every epoch.
+
+Nine rounds (each: one of our jobs, one bare loop; about 35 s): on the 2-core sandbox a
+single 16-s job varies by up to ±10% with the host's load, about twice the overhead being
+measured, and with five rounds the printed median swung from 1.04 to 1.14 between runs
+of the same code.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def main() -> None:
         what = (f"ResNet-18 (standard, residual), random CIFAR-size data ({N_TRAIN:,} train / "
                 f"{N_TEST:,} test), {EPOCHS} epochs of batch 128, Adam, a checkpoint every "
                 "epoch, track_reached")  # fmt: skip
-        run_benchmark("train_overhead_resnet18", what, make_spec(STUDY), path, rounds=5)
+        run_benchmark("train_overhead_resnet18", what, make_spec(STUDY), path, rounds=9)
 
 
 if __name__ == "__main__":
