@@ -27,6 +27,7 @@ rule train:
         code=code_hash(
             "train",
             "gradients",
+            "reach_kernels",
             "resume",
             "data",
             "models",

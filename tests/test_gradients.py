@@ -7,8 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from paramdyn import gradients
 from paramdyn.gradients import GradientRecorder
 from paramdyn.models import build_model
+
+# the masks by the torch form only, and by the compiled passes from the first prune on
+ENGINES = pytest.mark.parametrize("fused_from", [None, 0], ids=["torch", "compiled"])
 
 
 def _backward(model, seed=0):
@@ -91,10 +95,13 @@ def test_no_records_keep_the_columns(tmp_path):
     assert df["step"].dtype == "int64" and not df["exploding"].any()
 
 
-def test_reached_and_moved_equal_the_per_step_masks():
-    """The running maxima (with pruning of complete tensors) give exactly the masks of the
-    plain definition, `g != 0` and `θ != θ0` or-ed over every step, on a net with dead
-    units, exact zero updates, a NaN gradient, and a snapshot round trip midway."""
+@ENGINES
+def test_reached_and_moved_equal_the_per_step_masks(monkeypatch, fused_from):
+    """The running maxima (with pruning of complete tensors) and the compiled passes give
+    exactly the masks of the plain definition, `g != 0` and `θ != θ0` or-ed over every
+    step, on a net with dead units, exact zero updates, a NaN gradient, and a snapshot
+    round trip midway."""
+    monkeypatch.setattr(gradients, "FUSED_MIN_ENTRIES", fused_from)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Linear(4, 3))
     with torch.no_grad():
@@ -136,17 +143,22 @@ def test_reached_and_moved_equal_the_per_step_masks():
     assert rec.reach.open_reached == [i for i, r in enumerate(ref_r) if not r.all()]
     assert rec.reach.open_moved == [i for i, m in enumerate(ref_m) if not m.all()]
     assert len(rec.reach.open_reached) < len(params)
+    assert bool(rec.reach.fused) == (fused_from is not None)  # the open ones went over
 
 
-def test_reach_follows_float_equality_not_bits():
+@ENGINES
+def test_reach_follows_float_equality_not_bits(monkeypatch, fused_from):
     """-0.0 is no gradient and no move from +0.0; a sign flip of a non-zero value is a
-    move; NaN counts as both; float64 and float16 tensors are tracked as float32 ones."""
+    move; NaN counts as both; float64 and float16 tensors are tracked as float32 ones
+    (float16 stays in the torch form: the compiled passes take float32 and float64)."""
     from paramdyn.gradients import Reach
 
+    monkeypatch.setattr(gradients, "FUSED_MIN_ENTRIES", fused_from)
     for dtype in (torch.float32, torch.float64, torch.float16):
         q = torch.tensor([0.0, 0.5, 1.0, 0.0, 2.0, -0.0], dtype=dtype)
         reach = Reach([q])
-        steps = [  # (gradient, value after the step)
+        steps = [  # (gradient, value after the step); the first prune is after step 1
+            ([-0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.5, 1.0, 0.0, 2.0, -0.0]),  # no change
             ([-0.0, 0.0, -0.0, 0.0, 0.0, 0.0], [-0.0, -0.5, 1.0, 0.0, 2.0, 0.0]),
             ([0.0, 0.0, 1e-3, float("nan"), 0.0, -0.0], [0.0, -0.5, 1.0, 0.0, float("nan"), 0.0]),
             ([0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [-0.0, 0.5, 1.0, 0.0, 2.0, -0.0]),
@@ -158,3 +170,45 @@ def test_reach_follows_float_equality_not_bits():
             reach.after_step()
         assert reach.reached[0].tolist() == [False, False, True, True, False, False]
         assert reach.moved[0].tolist() == [False, True, False, False, True, False]
+        assert bool(reach.fused) == (fused_from is not None and dtype != torch.float16)
+
+
+@ENGINES
+def test_reach_in_channels_last_and_odd_gradient_layouts(monkeypatch, fused_from):
+    """Conv weights in channels_last (the compiled passes walk memory order, so the masks
+    must come back in the tensor's own order), a gradient laid out unlike its parameter,
+    and weight decay (entries that move without a gradient): the masks equal the plain
+    definition step by step."""
+    monkeypatch.setattr(gradients, "FUSED_MIN_ENTRIES", fused_from)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    model.to(memory_format=torch.channels_last)
+    params = list(model.parameters())
+    init = [q.detach().clone() for q in params]
+    ref_r = [torch.zeros_like(q, dtype=torch.bool) for q in params]
+    ref_m = [torch.zeros_like(q, dtype=torch.bool) for q in params]
+    reach = gradients.Reach(params)
+    opt = torch.optim.SGD(params, lr=0.1, weight_decay=0.01)
+    for step in range(1, 7):
+        opt.zero_grad(set_to_none=True)
+        x = torch.rand(2, 3, 3, 3).to(memory_format=torch.channels_last)
+        model(x).sum().backward()
+        with torch.no_grad():
+            w = params[2]
+            w.grad[:, :, 0, :] = 0.0  # a row of taps never reached (moves by decay)
+            if step == 3:  # the same values, laid out contiguously, not as the weight
+                w.grad = w.grad.contiguous()
+        for q, r in zip(params, ref_r, strict=True):
+            r |= q.grad != 0
+        with torch.no_grad():
+            reach.after_backward()
+        opt.step()
+        for q, q0, m in zip(params, init, ref_m, strict=True):
+            m |= q.detach() != q0
+        with torch.no_grad():
+            reach.after_step()
+    assert params[2].grad is not None and not ref_r[2][:, :, 0, :].any()
+    for got, want in ((reach.reached, ref_r), (reach.moved, ref_m)):
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+    assert (2 in reach.fused) == (fused_from is not None)

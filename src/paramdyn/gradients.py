@@ -22,6 +22,59 @@ GRAD_STATS = ("grad_l2", "grad_max_abs", "zeros", "nans", "infs")
 # the integer type of each float size: a tensor's bit patterns, viewed without a copy
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
+# open entries on a CPU, after a prune, from which the compiled passes track them
+# (paramdyn.reach_kernels: a fraction of the time a step, 0.2 s to import numba once);
+# None: never
+FUSED_MIN_ENTRIES: int | None = 1 << 20
+
+
+def flat(t: torch.Tensor) -> np.ndarray | None:
+    """``t``'s memory as a 1-D array without a copy, in memory order (its dimensions
+    sorted by stride: the same order for every tensor with ``t``'s strides); None when
+    its entries are not one dense block."""
+    dims = sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True)
+    p = t.detach().permute(dims)
+    return p.view(-1).numpy() if p.is_contiguous() else None
+
+
+def fusable(q: torch.Tensor) -> bool:
+    """Whether the compiled passes can track ``q``: a dense float32/float64 CPU tensor."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.float64)
+        and (flat(q) is not None)
+    )
+
+
+def _laid_out(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``t`` (taken, not copied) when it has ``q``'s strides; else a copy that has them."""
+    if t.stride() == q.stride():
+        return t
+    return torch.empty_like(q, dtype=t.dtype).copy_(t)
+
+
+class FusedMasks:
+    """One CPU tensor's masks kept by the compiled passes (:mod:`paramdyn.reach_kernels`):
+    the two masks as bools and θ0, laid out as the tensor (one memory order for all)."""
+
+    def __init__(self, q: torch.Tensor, reached, moved, theta0: torch.Tensor):
+        from . import reach_kernels  # numba: only for a tracker with this much to track
+
+        self.kernels, self.q = reach_kernels, q
+        self.reached, self.moved = _laid_out(reached, q), _laid_out(moved, q)
+        self.theta0 = _laid_out(theta0, q)
+        self._reached, self._moved = flat(self.reached), flat(self.moved)
+        self._theta0 = flat(self.theta0)
+
+    def add_gradient(self, g: torch.Tensor) -> None:
+        if g.stride() == self.q.stride():
+            self.kernels.mark_nonzero(flat(g), self._reached)
+        else:  # a gradient laid out unlike its parameter: the torch form, this once
+            self.reached |= g != 0
+
+    def add_value(self) -> None:
+        self.kernels.mark_changed(flat(self.q), self._theta0, self._moved)
+
 
 class Reach:
     """Per entry of every parameter tensor: did any step give it a non-zero gradient
@@ -41,8 +94,11 @@ class Reach:
     dropped from the update (exact; with SGD or Adam nearly every tensor is complete
     after the first step, or never). The complete ones are looked for after steps 1, 4,
     16, 64, ... (powers of four: each look is a few passes over the open tensors, and one
-    read back of one flag per tensor) and after a snapshot is restored. Its updates are
-    called under ``torch.no_grad()`` (as :class:`GradientRecorder` calls them)."""
+    read back of one flag per tensor) and after a snapshot is restored. When the open
+    tensors on a CPU then hold :data:`FUSED_MIN_ENTRIES` entries or more, they go over to
+    :class:`FusedMasks` (one compiled pass each a step instead of three ops; the same
+    masks). Its updates are called under ``torch.no_grad()`` (as
+    :class:`GradientRecorder` calls them)."""
 
     def __init__(self, params: list[torch.Tensor]):
         self.params = params
@@ -50,28 +106,47 @@ class Reach:
         self.magnitude = [torch.iinfo(b.dtype).max for b in self.grad_or]  # all but the sign
         self.value_hi = [q.detach().clone() for q in params]
         self.value_lo = [q.detach().clone() for q in params]
-        self.open_reached = self.open_moved = list(range(len(params)))
+        self.fused: dict[int, FusedMasks] = {}
+        self._set_open(list(range(len(params))), list(range(len(params))))
         self.seen = 0
 
+    def _set_open(self, reached: list[int], moved: list[int]) -> None:
+        """The tensors still tracked, and the torch form's lists for the hot path."""
+        self.open_reached, self.open_moved = reached, moved
+        self._or = [(self.grad_or[i], self.params[i]) for i in reached if i not in self.fused]
+        torch_moved = [i for i in moved if i not in self.fused]
+        self._values = [self.params[i] for i in torch_moved]
+        self._hi = [self.value_hi[i] for i in torch_moved]
+        self._lo = [self.value_lo[i] for i in torch_moved]
+        self._fused_reached = [self.fused[i] for i in reached if i in self.fused]
+        self._fused_moved = [self.fused[i] for i in moved if i in self.fused]
+
     def after_backward(self) -> None:
-        for i in self.open_reached:
-            g = self.params[i].grad
-            if g is not None:  # no gradient: a zero one
-                self.grad_or[i].bitwise_or_(g.view(self.grad_or[i].dtype))
+        for acc, q in self._or:
+            if q.grad is not None:  # no gradient: a zero one
+                acc.bitwise_or_(q.grad.view(acc.dtype))
+        for f in self._fused_reached:
+            if f.q.grad is not None:
+                f.add_gradient(f.q.grad)
 
     def after_step(self) -> None:
-        if self.open_moved:
-            values = [self.params[i] for i in self.open_moved]  # called under no_grad
-            torch._foreach_maximum_([self.value_hi[i] for i in self.open_moved], values)
-            torch._foreach_minimum_([self.value_lo[i] for i in self.open_moved], values)
+        if self._values:  # called under no_grad
+            torch._foreach_maximum_(self._hi, self._values)
+            torch._foreach_minimum_(self._lo, self._values)
+        for f in self._fused_moved:
+            f.add_value()
         self.seen += 1
         if self.seen & (self.seen - 1) == 0 and self.seen.bit_length() % 2:  # 1, 4, 16, ...
             self.prune()
 
     def _reached(self, i: int) -> torch.Tensor:
+        if i in self.fused:
+            return self.fused[i].reached.clone()
         return self.grad_or[i].bitwise_and(self.magnitude[i]) != 0
 
     def _moved(self, i: int) -> torch.Tensor:
+        if i in self.fused:
+            return self.fused[i].moved.clone()
         return self.value_hi[i] != self.value_lo[i]
 
     @property
@@ -85,33 +160,67 @@ class Reach:
     def _masks(self, mask, open_: list[int]) -> list[torch.Tensor]:
         """Per tensor, ``mask(i)``; all True for a dropped (complete) one, without a pass."""
         return [
-            mask(i) if i in open_ else torch.ones_like(b, dtype=torch.bool)
-            for i, b in enumerate(self.grad_or)
+            mask(i) if i in open_ else torch.ones_like(q, dtype=torch.bool)
+            for i, q in enumerate(self.params)
         ]
+
+    def _all_reached(self, i: int) -> torch.Tensor:
+        if i in self.fused:
+            return self.fused[i].reached.all()
+        return self.grad_or[i].bitwise_and(self.magnitude[i]).all()
+
+    def _all_moved(self, i: int) -> torch.Tensor:
+        if i in self.fused:
+            return self.fused[i].moved.all()
+        return (self.value_hi[i] != self.value_lo[i]).all()
 
     def prune(self) -> None:
         """Stop updating the tensors whose masks are complete. The moved mask is looked at
         only in tensors whose entries are all reached (an entry never reached rarely moves;
-        one that does, under weight decay, stays tracked: also exact). Two read backs."""
-        if self.open_reached:
-            done = [self.grad_or[i].bitwise_and(self.magnitude[i]).all() for i in self.open_reached]
-            done = torch.stack(done).tolist()
-            self.open_reached = [i for i, d in zip(self.open_reached, done, strict=True) if not d]
-        unreached = set(self.open_reached)
+        one that does, under weight decay, stays tracked: also exact). Two read backs.
+        Then the open CPU tensors go over to the compiled passes when they are many."""
+        reached = self.open_reached
+        if reached:
+            done = torch.stack([self._all_reached(i) for i in reached]).tolist()
+            reached = [i for i, d in zip(reached, done, strict=True) if not d]
+        unreached = set(reached)
         look = [i for i in self.open_moved if i not in unreached]
+        complete = set()
         if look:
-            flags = torch.stack([self._moved(i).all() for i in look]).tolist()
+            flags = torch.stack([self._all_moved(i) for i in look]).tolist()
             complete = {i for i, d in zip(look, flags, strict=True) if d}
-            self.open_moved = [i for i in self.open_moved if i not in complete]
+        moved = [i for i in self.open_moved if i not in complete]
+        for i in set(self.fused) - set(reached) - set(moved):
+            del self.fused[i]  # complete
+        self._fuse(set(reached) | set(moved))
+        self._set_open(reached, moved)
+
+    def _fuse(self, open_: set[int]) -> None:
+        """The open tensors to :class:`FusedMasks`, when they hold at least
+        :data:`FUSED_MIN_ENTRIES` entries on a CPU (θ0: the largest value so far, which
+        is θ0 wherever the entry has not moved, and does not matter where it has)."""
+        todo = [i for i in sorted(open_) if i not in self.fused and fusable(self.params[i])]
+        entries = sum(self.params[i].numel() for i in todo) + sum(
+            self.params[i].numel() for i in self.fused
+        )
+        if not todo or FUSED_MIN_ENTRIES is None or entries < FUSED_MIN_ENTRIES:
+            return
+        for i in todo:
+            self.fused[i] = FusedMasks(
+                self.params[i], self._reached(i), self._moved(i), self.value_hi[i]
+            )
+            self.grad_or[i] = self.value_hi[i] = self.value_lo[i] = None  # memory back
 
     def load_masks(self, reached: list[torch.Tensor], moved: list[torch.Tensor]) -> None:
         """Continue from masks (a snapshot's), in a tracker built on the initial weights:
         a reached entry as a gradient bit 1, a moved one as a largest value of +inf."""
+        if self.seen or self.fused:
+            raise RuntimeError("Reach.load_masks: only into a tracker built on the initial weights")
         for i, (r, m) in enumerate(zip(reached, moved, strict=True)):
             r, m = r.to(self.grad_or[i].device), m.to(self.grad_or[i].device)
             self.grad_or[i].copy_(r)
             self.value_hi[i].masked_fill_(m, math.inf)
-        self.open_reached = self.open_moved = list(range(len(self.params)))
+        self._set_open(list(range(len(self.params))), list(range(len(self.params))))
         self.prune()
 
 
