@@ -167,7 +167,8 @@ class Reach:
     def _all_reached(self, i: int) -> torch.Tensor:
         if i in self.fused:
             return self.fused[i].reached.all()
-        return self.grad_or[i].bitwise_and(self.magnitude[i]).all()
+        # in place (no temporary): the sign bit never mattered, later ORs add bits
+        return self.grad_or[i].bitwise_and_(self.magnitude[i]).all()
 
     def _all_moved(self, i: int) -> torch.Tensor:
         if i in self.fused:
