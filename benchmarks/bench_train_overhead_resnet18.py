@@ -13,8 +13,9 @@ checkpoint every epoch.
 
 Nine rounds (each: one of our jobs, one bare loop; about 35 s): on the 2-core sandbox a
 single 16-s job varies by up to ±10% with the host's load, about twice the overhead being
-measured, and with five rounds the printed median swung from 1.04 to 1.14 between runs
-of the same code.
+measured, so each side needs several chances at an undisturbed run (the figure is the
+ratio of the fastest of each; with five rounds the ratio of medians swung from 1.04 to
+1.14 between runs of the same code).
 """
 
 from __future__ import annotations
