@@ -3,9 +3,11 @@
 PyTorch has no fused op that ORs a comparison into a mask, so the torch form of the masks
 costs a tensor 9 passes of 4 bytes an entry a step (the gradient's bit patterns OR-ed into
 an integer copy; the running max and the running min of the value). On a CPU those passes
-are bound by memory. One loop here reads the gradient or the value (and θ0) once and sets
-bytes of a bool mask: 4 to 9 bytes an entry where the torch form moves 36, half the time
-or less on ResNet-18's never-reached layer4 taps (``benchmarks/RESULTS.md``).
+are bound by memory. One loop here reads the gradient, or the value and θ0, once and sets
+bytes of a bool mask: 5 and 9 bytes an entry where the torch form moves 12 and 24. In a
+ResNet-18 job (its never-reached layer4 taps, 8.3 M entries) 'moved' takes 3.3 ms a step
+instead of 8.7; 'reached' about the same as before, bound by reading the gradient
+(``benchmarks/RESULTS.md``).
 
 Imported only by a tracker that has that much to track (a CPU job whose open tensors hold
 at least ``gradients.FUSED_MIN_ENTRIES`` entries after the first step): ``import numba``
