@@ -140,13 +140,14 @@ class Reach:
             self.prune()
 
     def _reached(self, i: int) -> torch.Tensor:
+        """Tensor ``i``'s mask: the live one of a compiled-form tensor, else a new one."""
         if i in self.fused:
-            return self.fused[i].reached.clone()
+            return self.fused[i].reached
         return self.grad_or[i].bitwise_and(self.magnitude[i]) != 0
 
     def _moved(self, i: int) -> torch.Tensor:
         if i in self.fused:
-            return self.fused[i].moved.clone()
+            return self.fused[i].moved
         return self.value_hi[i] != self.value_lo[i]
 
     @property
@@ -158,22 +159,21 @@ class Reach:
         return self._masks(self._moved, self.open_moved)
 
     def _masks(self, mask, open_: list[int]) -> list[torch.Tensor]:
-        """Per tensor, ``mask(i)``; all True for a dropped (complete) one, without a pass."""
-        return [
-            mask(i) if i in open_ else torch.ones_like(q, dtype=torch.bool)
-            for i, q in enumerate(self.params)
-        ]
+        """Per tensor, a copy of ``mask(i)``; all True for a dropped (complete) one,
+        without a pass. Only a compiled-form mask needs copying (it keeps changing)."""
+        out = []
+        for i, q in enumerate(self.params):
+            if i not in open_:
+                out.append(torch.ones_like(q, dtype=torch.bool))
+            else:
+                out.append(mask(i).clone() if i in self.fused else mask(i))
+        return out
 
     def _all_reached(self, i: int) -> torch.Tensor:
         if i in self.fused:
             return self.fused[i].reached.all()
         # in place (no temporary): the sign bit never mattered, later ORs add bits
         return self.grad_or[i].bitwise_and_(self.magnitude[i]).all()
-
-    def _all_moved(self, i: int) -> torch.Tensor:
-        if i in self.fused:
-            return self.fused[i].moved.all()
-        return (self.value_hi[i] != self.value_lo[i]).all()
 
     def prune(self) -> None:
         """Stop updating the tensors whose masks are complete. The moved mask is looked at
@@ -188,7 +188,7 @@ class Reach:
         look = [i for i in self.open_moved if i not in unreached]
         complete = set()
         if look:
-            flags = torch.stack([self._all_moved(i) for i in look]).tolist()
+            flags = torch.stack([self._moved(i).all() for i in look]).tolist()
             complete = {i for i, d in zip(look, flags, strict=True) if d}
         moved = [i for i in self.open_moved if i not in complete]
         for i in set(self.fused) - set(reached) - set(moved):
