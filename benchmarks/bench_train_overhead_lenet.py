@@ -9,7 +9,7 @@ a non-zero gradient, and ever moved; kept on the device, per step).
 
 Fifteen rounds (each: one of our jobs, one bare loop; about 5.5 s): single 2.5-s jobs on
 the 2-core sandbox vary from 2.3 to 4.4 s, and with nine rounds the ratio of the fastest
-still ranged 1.01 to 1.11 over ten runs of the same code (the ratio of medians 0.97 to
+still ranged 1.04 to 1.11 over eight runs of the same code (the ratio of medians 0.97 to
 1.26).
 """
 
